@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate medfed's federated rounds, and the `medfed` CLI."""

@@ -1,0 +1,44 @@
+"""Tables of the ledger. Indexed columns duplicate body fields for queries; verify checks them."""
+
+from __future__ import annotations
+
+from sqlmodel import Field, SQLModel
+
+
+class EntryRow(SQLModel, table=True):
+    __tablename__ = "ledger_entry"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    idempotency_key: str = Field(unique=True, index=True)
+    actor: str = Field(index=True)
+    action: str = Field(index=True)
+    job: str = Field(index=True)
+    round: int | None = Field(default=None, index=True)
+    site: str | None = Field(default=None, index=True)
+    recorded: str = Field(index=True)
+    body: str  # RFC 8785 canonical JSON, exactly the signed bytes
+    entry_hash: str  # hex RFC 6962 leaf hash of body
+    signature: str  # base64 Ed25519 over body
+
+
+class ActorRow(SQLModel, table=True):
+    """Cache of registered public keys; the register_key entries in the chain are authoritative."""
+
+    __tablename__ = "ledger_actor"
+
+    name: str = Field(primary_key=True)
+    public_key: str  # hex, raw 32 bytes
+    key_id: str  # hex, C2SP key id
+
+
+class CheckpointRow(SQLModel, table=True):
+    __tablename__ = "ledger_checkpoint"
+
+    size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    root_hash: str  # hex
+    note: str  # C2SP signed note
+    recorded: str
+
+
+# The columns verify compares against each entry's signed body.
+INDEXED_FIELDS = ("idempotency_key", "actor", "action", "job", "round", "site", "recorded")

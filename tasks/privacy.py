@@ -1,0 +1,118 @@
+"""Privacy maths: accounting over a site's whole release history, budgets, update clipping.
+
+A site's history is the list of DP-SGD releases it has made (noise multiplier, sample rate,
+steps), read back from the ledger; epsilon is always recomputed from that history by an
+Opacus accountant, so spend accumulates across rounds, jobs and restarts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from tasks import StepError
+
+_ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release:
+    """One DP-SGD release: `steps` noisy steps at `sample_rate` with `noise_multiplier`."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and 0 < self.sample_rate <= 1 and self.steps >= 1):
+            raise StepError(f"invalid DP release {asdict(self)}")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def epsilon(history: Sequence[Release], *, delta: float, accountant: str) -> float:
+    """Cumulative epsilon at `delta` of every release in `history` (0 when empty)."""
+    if not history:
+        return 0.0
+    acc = _accountant(accountant)
+    acc.history = [(nm, q, steps) for (nm, q), steps in merged(history).items()]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def merged(history: Sequence[Release]) -> dict[tuple[float, float], int]:
+    """Releases of the same mechanism compose into one with the summed steps; merging them
+    keeps the accountant's cost constant however many rounds the ledger holds."""
+    steps: dict[tuple[float, float], int] = {}
+    for r in history:
+        key = (r.noise_multiplier, r.sample_rate)
+        steps[key] = steps.get(key, 0) + r.steps
+    return steps
+
+
+def _accountant(name: str) -> PRVAccountant | RDPAccountant:
+    try:
+        return _ACCOUNTANTS[name]()
+    except KeyError:
+        raise StepError(f"unknown accountant '{name}' (use one of {sorted(_ACCOUNTANTS)})") from None
+
+
+def planned_release(*, n_samples: int, batch_size: int, epochs: int, noise_multiplier: float) -> Release:
+    """The release one round of local training makes, as Opacus' Poisson loader runs it:
+    sample rate 1/ceil(n/batch), and ceil(n/batch) steps per epoch."""
+    if n_samples < 1:
+        raise StepError("a site needs at least one training sample")
+    batches = math.ceil(n_samples / batch_size)
+    return Release(noise_multiplier=noise_multiplier, sample_rate=1 / batches, steps=epochs * batches)
+
+
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+) -> float:
+    """Smallest noise multiplier whose `steps` at `sample_rate` stay within `target_epsilon`."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def clip_update(update: np.ndarray, *, max_norm: float) -> tuple[np.ndarray, float]:
+    """Scale `update` so its L2 norm is at most `max_norm`; return it and the original norm."""
+    if max_norm <= 0:
+        raise StepError("update clip norm must be positive")
+    if not np.all(np.isfinite(update)):
+        raise StepError("model update holds NaN or infinite values")
+    norm = float(np.linalg.norm(update))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return (update * scale).astype(np.float32), norm
+
+
+def gaussian_noise(size: int, *, std: float, secure: bool, seed: int | None = None) -> np.ndarray:
+    """N(0, std^2) noise; from the OS CSPRNG when `secure`, else a seeded PCG64."""
+    if std < 0:
+        raise StepError("noise standard deviation must be non-negative")
+    if secure:
+        # Box-Muller over 53-bit uniforms drawn from os.urandom.
+        raw = np.frombuffer(os.urandom(16 * size), dtype=np.uint64).reshape(2, size)
+        u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
+        u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
+        z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    else:
+        z = np.random.default_rng(seed).standard_normal(size)
+    return (z * std).astype(np.float32)

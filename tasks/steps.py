@@ -1,0 +1,697 @@
+"""The steps of one federated round, each recorded in the ledger, each under a thin @task.
+
+Site steps (run where the data is): preprocess -> train -> clip_and_noise -> encrypt ->
+upload, and after aggregation, evaluate. Coordinator steps: secure_aggregate, commit_round.
+Steps hand each other small frozen references (paths into the site's private folder, or
+signed artifact references, plus hashes); payloads and secrets never pass through Prefect.
+
+Every step appends one ledger entry under the idempotency key `job/round/site/step`, so a
+retried round writes nothing twice; `train` looks its key up first and reuses a released
+update instead of training (and spending privacy budget) again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from ledger.entry import Action, Event, Outcome
+from ledger.store import Ledger
+from tasks import StepError
+from tasks import ingest, models, privacy, secure_agg, transport
+from tasks.config import FederationConfig, SiteConfig, SiteKind
+from tasks.evaluate import metrics, predict
+from tasks.keyring import (
+    COORDINATOR,
+    CoordinatorPaths,
+    SitePaths,
+    coordinator_identity,
+    read_public_key,
+    read_secret,
+    site_identity,
+)
+from tasks.train import TrainSettings, train_local
+
+log = logging.getLogger("medfed.steps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundContext:
+    fed: FederationConfig
+    job: str
+    round: int
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.fed.sites:
+            if s.name == name:
+                return s
+        raise StepError(f"site '{name}' is not in the federation")
+
+    def site_paths(self, name: str) -> SitePaths:
+        return SitePaths(root=self.fed.site_root / name)
+
+    @property
+    def coordinator(self) -> CoordinatorPaths:
+        return CoordinatorPaths(root=self.fed.coordinator_root)
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.fed.ledger_url)
+
+    def key(self, site: str, step: str) -> str:
+        return f"{self.job}/r{self.round}/{site}/{step}"
+
+    def work(self, site: str) -> Path:
+        return self.site_paths(site).work / self.job / f"r{self.round:04d}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetRef:
+    site: str
+    path: Path
+    fingerprint: str
+    n_train: int
+    n_test: int
+    patients_train: int
+    patients_test: int
+    features: int
+    cached: bool
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRef:
+    site: str
+    trained: bool
+    n_samples: int
+    base_model: str  # sha256 of the global model trained from
+    path: Path | None = None
+    sha256: str = ""
+    epsilon: float = 0.0  # cumulative, after this round (0 without DP)
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateRef:
+    site: str
+    path: Path
+    sha256: str
+    norm: float
+    n_samples: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CipherRef:
+    site: str
+    path: Path
+    sha256: str
+    n_samples: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadRef:
+    site: str
+    artifact: transport.ArtifactRef
+    n_samples: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregateRef:
+    artifact: transport.ArtifactRef
+    weights: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalRef:
+    site: str
+    model_hash: str
+    auc: float
+    accuracy: float
+    n: int
+    seconds: float
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_array(path: Path, array: np.ndarray) -> str:
+    """Atomically write a float32 vector as .npy; return the sha256 of its file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    data = buf.getvalue()
+    _atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_array(path: Path, *, sha256: str | None = None) -> np.ndarray:
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StepError(f"site-private file {path} does not match its recorded hash")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_hash(params: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()
+
+
+def source_digest(site: SiteConfig) -> str:
+    """Hash of the site's raw inputs, to know when the preprocessing cache is stale."""
+    h = hashlib.sha256()
+    root = site.data
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    if site.kind == SiteKind.DICOM:
+        files.append(Path(site.labels))
+    for p in files:
+        try:
+            h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        except OSError as exc:
+            raise StepError(f"site {site.name}: data file {p} cannot be read") from exc
+    return h.hexdigest()
+
+
+def _model_for(rc: RoundContext, features: int):
+    m = rc.fed.model
+    return models.build(str(m.kind), features=features, hidden=m.hidden)
+
+
+def global_before(rc: RoundContext, site: str, features: int) -> np.ndarray:
+    """The global model this round starts from, from the site's own copy."""
+    paths = rc.site_paths(site)
+    prev = paths.global_model(rc.job, rc.round - 1)
+    if prev.exists():
+        return load_array(prev)
+    if rc.round != 1:
+        raise StepError(f"site {site} has no global model of round {rc.round - 1} for job {rc.job}")
+    m = rc.fed.model
+    init = models.flat_params(
+        models.initial(str(m.kind), seed=rc.fed.seed, features=features, hidden=m.hidden)
+    )
+    save_array(prev, init)
+    return init
+
+
+def release_history(ledger: Ledger, site: str) -> list[privacy.Release]:
+    """Every DP release the site has made, in any job, read from the ledger."""
+    history = []
+    for ev in ledger.events(site=site, action=str(Action.TRAIN)):
+        release = (ev.get("privacy") or {}).get("release")
+        if ev.get("actor") == site and release:
+            history.append(privacy.Release(**release))
+    return history
+
+
+def noise_multiplier_for(rc: RoundContext, n_samples: int) -> float | None:
+    dp = rc.fed.dp
+    if not dp.enabled:
+        return None
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    one_round = privacy.planned_release(
+        n_samples=n_samples, batch_size=rc.fed.batch_size, epochs=rc.fed.local_epochs, noise_multiplier=1.0
+    )
+    return privacy.calibrate_noise(
+        target_epsilon=dp.target_epsilon,
+        delta=dp.delta,
+        sample_rate=one_round.sample_rate,
+        steps=one_round.steps * rc.fed.rounds,
+        accountant=str(dp.accountant),
+    )
+
+
+# ---------------------------------------------------------------- site steps
+
+
+def preprocess(site: str, rc: RoundContext) -> DatasetRef:
+    start = time.perf_counter()
+    cfg = rc.site(site)
+    paths = rc.site_paths(site)
+    fed = rc.fed
+    settings = {
+        "kind": str(cfg.kind),
+        "labels": cfg.labels,
+        "id_column": cfg.id_column,
+        "table": cfg.table,
+        "image_size": fed.model.image_size,
+        "holdout": fed.holdout_fraction,
+        "seed": fed.seed,
+    }
+    digest = hashlib.sha256((source_digest(cfg) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    cache = paths.cache / f"prepared-{digest[:32]}.npz"
+    cached = cache.exists()
+    if cached:
+        ds = ingest.load_prepared(cache)
+    else:
+        secret = read_secret(paths.pseudonym_secret, f"pseudonymization secret of site {site}")
+        if cfg.kind == SiteKind.DICOM:
+            ds = ingest.prepare_dicom_site(
+                cfg.data,
+                Path(cfg.labels),
+                secret=secret,
+                image_size=fed.model.image_size,
+                holdout_fraction=fed.holdout_fraction,
+                seed=fed.seed,
+            )
+        else:
+            ds = ingest.prepare_tabular_site(
+                cfg.data,
+                label_column=cfg.labels,
+                id_column=cfg.id_column,
+                secret=secret,
+                holdout_fraction=fed.holdout_fraction,
+                seed=fed.seed,
+                table=cfg.table,
+            )
+        paths.cache.mkdir(parents=True, exist_ok=True)
+        ingest.save_prepared(ds, cache)
+    ref = DatasetRef(
+        site=site,
+        path=cache,
+        fingerprint=ds.fingerprint,
+        n_train=len(ds.y_train),
+        n_test=len(ds.y_test),
+        patients_train=ds.n_patients_train,
+        patients_test=ds.n_patients_test,
+        features=int(ds.x_train.shape[1]) if ds.x_train.ndim == 2 else 0,
+        cached=cached,
+        seconds=time.perf_counter() - start,
+    )
+    rc.ledger().append(
+        Event(
+            actor=site,
+            action=Action.PREPROCESS,
+            job=rc.job,
+            round=rc.round,
+            site=site,
+            idempotency_key=rc.key(site, "preprocess"),
+            outputs={"dataset": ds.fingerprint},
+            details={
+                "kind": str(cfg.kind),
+                "images_or_rows_train": ref.n_train,
+                "images_or_rows_heldout": ref.n_test,
+                "patients_train": ref.patients_train,
+                "patients_heldout": ref.patients_test,
+                "deidentified": True,
+                "pseudonymization": "HMAC-SHA256 with a site secret",
+                "cached": cached,
+            },
+        ),
+        site_identity(site, paths),
+    )
+    return ref
+
+
+def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
+    start = time.perf_counter()
+    paths = rc.site_paths(site)
+    ledger = rc.ledger()
+    key = rc.key(site, "train")
+    reused = _train_already_recorded(rc, ledger, site, data)
+    if reused is not None:
+        return reused
+    dp = rc.fed.dp
+    base = global_before(rc, site, data.features)
+    base_hash = model_hash(base)
+    noise = noise_multiplier_for(rc, data.n_train)
+    history = release_history(ledger, site)
+    privacy_record = None
+    epsilon_after = 0.0
+    if noise is not None:
+        planned = privacy.planned_release(
+            n_samples=data.n_train, batch_size=rc.fed.batch_size, epochs=rc.fed.local_epochs, noise_multiplier=noise
+        )
+        epsilon_after = privacy.epsilon(history + [planned], delta=dp.delta, accountant=str(dp.accountant))
+        if epsilon_after > dp.epsilon_budget:
+            spent = privacy.epsilon(history, delta=dp.delta, accountant=str(dp.accountant))
+            reason = (
+                f"budget exhausted: this round would bring epsilon from {spent:.3f} to "
+                f"{epsilon_after:.3f}, over the budget of {dp.epsilon_budget:g}"
+            )
+            ledger.append(
+                Event(
+                    actor=site,
+                    action=Action.REFUSE,
+                    outcome=Outcome.REFUSED,
+                    job=rc.job,
+                    round=rc.round,
+                    site=site,
+                    idempotency_key=key,
+                    inputs={"dataset": data.fingerprint},
+                    privacy={
+                        "epsilon_spent": spent,
+                        "epsilon_projected": epsilon_after,
+                        "epsilon_budget": dp.epsilon_budget,
+                        "delta": dp.delta,
+                        "accountant": str(dp.accountant),
+                    },
+                    details={"reason": reason},
+                ),
+                site_identity(site, paths),
+            )
+            return TrainRef(site=site, trained=False, n_samples=data.n_train, base_model=base_hash, reason=reason, epsilon=spent)
+    ds = ingest.load_prepared(data.path)
+    model = models.load_flat(_model_for(rc, data.features), base)
+    outcome = train_local(
+        model,
+        ds.x_train,
+        ds.y_train,
+        TrainSettings(
+            epochs=rc.fed.local_epochs,
+            batch_size=rc.fed.batch_size,
+            learning_rate=rc.fed.learning_rate,
+            seed=rc.fed.seed * 1000 + rc.round,
+            noise_multiplier=noise,
+            max_grad_norm=dp.max_grad_norm,
+        ),
+    )
+    if outcome.release is not None:
+        if outcome.release != planned:
+            raise StepError(f"site {site}: training made a different DP release than was budgeted")
+        privacy_record = {
+            "release": outcome.release.as_dict(),
+            "epsilon_round": privacy.epsilon([outcome.release], delta=dp.delta, accountant=str(dp.accountant)),
+            "epsilon_cumulative": epsilon_after,
+            "epsilon_budget": dp.epsilon_budget,
+            "delta": dp.delta,
+            "accountant": str(dp.accountant),
+            "max_grad_norm": dp.max_grad_norm,
+            "unit": "image",
+        }
+    out = rc.work(site) / "local.npy"
+    digest = save_array(out, outcome.params)
+    ledger.append(
+        Event(
+            actor=site,
+            action=Action.TRAIN,
+            job=rc.job,
+            round=rc.round,
+            site=site,
+            idempotency_key=key,
+            inputs={"dataset": data.fingerprint, "global_model": base_hash},
+            outputs={"local_model": digest},
+            privacy=privacy_record,
+            details={
+                "samples": outcome.n_samples,
+                "epochs": rc.fed.local_epochs,
+                "mean_loss": outcome.mean_loss,
+                "device": outcome.device,
+                "dp": noise is not None,
+            },
+        ),
+        site_identity(site, paths),
+    )
+    return TrainRef(
+        site=site,
+        trained=True,
+        n_samples=outcome.n_samples,
+        base_model=base_hash,
+        path=out,
+        sha256=digest,
+        epsilon=epsilon_after,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _train_already_recorded(rc: RoundContext, ledger: Ledger, site: str, data: DatasetRef) -> TrainRef | None:
+    """A retried round reuses the update it already released (and paid for)."""
+    prior = ledger.events(idempotency_key=rc.key(site, "train"))
+    if not prior:
+        return None
+    ev = prior[0]
+    base = ev["inputs"].get("global_model", "")
+    cumulative = (ev.get("privacy") or {}).get("epsilon_cumulative", (ev.get("privacy") or {}).get("epsilon_spent", 0.0))
+    if ev["action"] == str(Action.REFUSE):
+        return TrainRef(site=site, trained=False, n_samples=data.n_train, base_model=base, reason=ev["details"]["reason"], epsilon=cumulative)
+    path = rc.work(site) / "local.npy"
+    digest = ev["outputs"]["local_model"]
+    if not path.exists() or sha256_file(path) != digest:
+        raise StepError(
+            f"site {site}: round {ev['round']} was already trained and charged, but its local model "
+            f"{path} is missing or altered; refusing to train and charge again"
+        )
+    return TrainRef(site=site, trained=True, n_samples=ev["details"]["samples"], base_model=base, path=path, sha256=digest, epsilon=cumulative)
+
+
+def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
+    start = time.perf_counter()
+    dp = rc.fed.dp
+    local = load_array(trained.path, sha256=trained.sha256)
+    base = load_array(rc.site_paths(site).global_model(rc.job, rc.round - 1))
+    if model_hash(base) != trained.base_model:
+        raise StepError(f"site {site}: the global model changed under round {rc.round}")
+    clipped, norm = privacy.clip_update(local - base, max_norm=dp.update_clip_norm)
+    noise_std = dp.update_noise_multiplier * dp.update_clip_norm
+    if noise_std > 0:
+        clipped = clipped + privacy.gaussian_noise(
+            clipped.size, std=noise_std, secure=dp.secure_rng, seed=rc.fed.seed * 7919 + rc.round
+        )
+    path = rc.work(site) / "update.npy"
+    digest = save_array(path, clipped)
+    rc.ledger().append(
+        Event(
+            actor=site,
+            action=Action.CLIP_AND_NOISE,
+            job=rc.job,
+            round=rc.round,
+            site=site,
+            idempotency_key=rc.key(site, "clip_and_noise"),
+            inputs={"local_model": trained.sha256, "global_model": trained.base_model},
+            outputs={"update": digest},
+            details={
+                "norm_before": norm,
+                "clip_norm": dp.update_clip_norm,
+                "clipped": norm > dp.update_clip_norm,
+                "noise_std": noise_std,
+                "secure_rng": dp.secure_rng,
+            },
+        ),
+        site_identity(site, rc.site_paths(site)),
+    )
+    return UpdateRef(site=site, path=path, sha256=digest, norm=norm, n_samples=trained.n_samples, seconds=time.perf_counter() - start)
+
+
+def encrypt(site: str, rc: RoundContext, update: UpdateRef) -> CipherRef:
+    start = time.perf_counter()
+    paths = rc.site_paths(site)
+    vector = load_array(update.path, sha256=update.sha256)
+    blob = secure_agg.encrypt_update(read_secret(paths.ckks_secret, f"CKKS context of site {site}"), vector)
+    path = rc.work(site) / "update.ckks"
+    _atomic_write(path, blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    rc.ledger().append(
+        Event(
+            actor=site,
+            action=Action.ENCRYPT,
+            job=rc.job,
+            round=rc.round,
+            site=site,
+            idempotency_key=rc.key(site, "encrypt"),
+            inputs={"update": update.sha256},
+            outputs={"ciphertext": digest},
+            details={"scheme": "CKKS", "parameters": len(vector), "ciphertext_bytes": len(blob)},
+        ),
+        site_identity(site, paths),
+    )
+    return CipherRef(site=site, path=path, sha256=digest, n_samples=update.n_samples, seconds=time.perf_counter() - start)
+
+
+def upload(site: str, rc: RoundContext, encrypted: CipherRef) -> UploadRef:
+    start = time.perf_counter()
+    data = encrypted.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != encrypted.sha256:
+        raise StepError(f"site {site}: ciphertext {encrypted.path} changed after encryption")
+    identity = site_identity(site, rc.site_paths(site))
+    ref = transport.publish(
+        rc.fed.artifact_store,
+        f"{rc.job}/r{rc.round:04d}/{site}.ckks",
+        data,
+        job=rc.job,
+        round=rc.round,
+        site=site,
+        kind="update",
+        signer=identity,
+    )
+    rc.ledger().append(
+        Event(
+            actor=site,
+            action=Action.UPLOAD,
+            job=rc.job,
+            round=rc.round,
+            site=site,
+            idempotency_key=rc.key(site, "upload"),
+            inputs={"ciphertext": encrypted.sha256},
+            outputs={"artifact": ref.sha256},
+            details={"uri": ref.uri, "bytes": ref.size, "samples": encrypted.n_samples},
+        ),
+        identity,
+    )
+    return UploadRef(site=site, artifact=ref, n_samples=encrypted.n_samples, seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- coordinator steps
+
+
+def aggregation_weights(uploads: Sequence[UploadRef]) -> dict[str, float]:
+    total = sum(u.n_samples for u in uploads)
+    if total <= 0:
+        raise StepError("no training samples behind the uploaded updates")
+    return {u.site: u.n_samples / total for u in uploads}
+
+
+def secure_aggregate(rc: RoundContext, uploads: Sequence[UploadRef]) -> AggregateRef:
+    start = time.perf_counter()
+    if len(uploads) < rc.fed.min_sites:
+        raise StepError(f"round {rc.round}: {len(uploads)} updates, fewer than min_sites={rc.fed.min_sites}")
+    coord = rc.coordinator
+    blobs = [
+        transport.fetch(
+            u.artifact,
+            public_key=read_public_key(coord.site_public_key(u.site), f"site {u.site}"),
+            job=rc.job,
+            round=rc.round,
+            kind="update",
+            site=u.site,
+        )
+        for u in uploads
+    ]
+    weights = aggregation_weights(uploads)
+    public_ctx = read_secret(coord.ckks_public, "CKKS public context")
+    aggregate = secure_agg.weighted_sum(public_ctx, blobs, [weights[u.site] for u in uploads])
+    identity = coordinator_identity(coord)
+    ref = transport.publish(
+        rc.fed.artifact_store,
+        f"{rc.job}/r{rc.round:04d}/aggregate.ckks",
+        aggregate,
+        job=rc.job,
+        round=rc.round,
+        site=COORDINATOR,
+        kind="aggregate",
+        signer=identity,
+    )
+    rc.ledger().append(
+        Event(
+            actor=COORDINATOR,
+            action=Action.SECURE_AGGREGATE,
+            job=rc.job,
+            round=rc.round,
+            idempotency_key=rc.key(COORDINATOR, "secure_aggregate"),
+            inputs={u.site: u.artifact.sha256 for u in uploads},
+            outputs={"aggregate": ref.sha256},
+            details={"weights": weights, "uri": ref.uri, "bytes": ref.size, "sites": sorted(weights)},
+        ),
+        identity,
+    )
+    return AggregateRef(artifact=ref, weights=weights, seconds=time.perf_counter() - start)
+
+
+def evaluate(site: str, rc: RoundContext, data: DatasetRef, aggregate: AggregateRef) -> EvalRef:
+    start = time.perf_counter()
+    paths = rc.site_paths(site)
+    blob = transport.fetch(
+        aggregate.artifact,
+        public_key=read_public_key(paths.coordinator_key, "the coordinator"),
+        job=rc.job,
+        round=rc.round,
+        kind="aggregate",
+    )
+    mean_update = secure_agg.decrypt_update(read_secret(paths.ckks_secret, f"CKKS context of site {site}"), blob)
+    base = global_before(rc, site, data.features)
+    new_global = (base + mean_update).astype(np.float32)
+    save_array(paths.global_model(rc.job, rc.round), new_global)
+    version = model_hash(new_global)
+    ds = ingest.load_prepared(data.path)
+    model = models.load_flat(_model_for(rc, data.features), new_global)
+    m = metrics(predict(model, ds.x_test), ds.y_test)
+    rc.ledger().append(
+        Event(
+            actor=site,
+            action=Action.EVALUATE,
+            job=rc.job,
+            round=rc.round,
+            site=site,
+            idempotency_key=rc.key(site, "evaluate"),
+            inputs={"aggregate": aggregate.artifact.sha256, "dataset": data.fingerprint},
+            outputs={"global_model": version},
+            details={"auc": m.auc, "accuracy": m.accuracy, "heldout": m.n},
+        ),
+        site_identity(site, paths),
+    )
+    return EvalRef(site=site, model_hash=version, auc=m.auc, accuracy=m.accuracy, n=m.n, seconds=time.perf_counter() - start)
+
+
+def commit_round(rc: RoundContext, trained: Sequence[TrainRef], evals: Sequence[EvalRef], aggregate: AggregateRef) -> str:
+    versions = {e.model_hash for e in evals}
+    if len(versions) != 1:
+        raise StepError(f"round {rc.round}: sites decrypted different global models ({len(versions)} versions)")
+    version = versions.pop()
+    total = sum(e.n for e in evals)
+    rc.ledger().append(
+        Event(
+            actor=COORDINATOR,
+            action=Action.COMMIT_ROUND,
+            job=rc.job,
+            round=rc.round,
+            idempotency_key=rc.key(COORDINATOR, "commit_round"),
+            inputs={"aggregate": aggregate.artifact.sha256},
+            outputs={"global_model": version},
+            details={
+                "participants": sorted(t.site for t in trained if t.trained),
+                "refused": sorted(t.site for t in trained if not t.trained),
+                "weighted_auc": sum(e.auc * e.n for e in evals) / total,
+                "weighted_accuracy": sum(e.accuracy * e.n for e in evals) / total,
+            },
+        ),
+        coordinator_identity(rc.coordinator),
+    )
+    return version
+
+
+# ---------------------------------------------------------------- Prefect tasks
+# Thin wrappers. Nothing is cached or persisted by Prefect: results are references to
+# site-private files, and the steps are idempotent through the ledger instead.
+
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+preprocess_task = task(preprocess, name="preprocess", task_run_name="preprocess-{site}", **_TASK)
+train_task = task(train, name="train", task_run_name="train-{site}", **_TASK)
+clip_and_noise_task = task(clip_and_noise, name="clip_and_noise", task_run_name="clip_and_noise-{site}", **_TASK)
+encrypt_task = task(encrypt, name="encrypt", task_run_name="encrypt-{site}", **_TASK)
+upload_task = task(upload, name="upload", task_run_name="upload-{site}", retries=2, retry_delay_seconds=1, **_TASK)
+secure_aggregate_task = task(secure_aggregate, name="secure_aggregate", retries=2, retry_delay_seconds=1, **_TASK)
+evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{site}", **_TASK)
+commit_round_task = task(commit_round, name="commit_round", **_TASK)

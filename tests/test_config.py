@@ -1,0 +1,79 @@
+"""The federation file: valid files resolve; each kind of bad file names its field."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.demo import demo_config_text
+from tasks.config import ConfigError, load_config
+
+GOOD = demo_config_text(["site-a", "site-b"], rounds=2, dp=True)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
+    fed = load_config(write(tmp_path, GOOD))
+    assert [s.name for s in fed.sites] == ["site-a", "site-b"]
+    assert fed.sites[0].data == tmp_path.resolve() / "data" / "site-a"
+    assert fed.ledger_url == f"sqlite:///{tmp_path.resolve()}/ledger.db"
+    assert fed.artifact_store == (tmp_path.resolve() / "artifacts").as_uri()
+    assert fed.dp.noise_multiplier == 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda t: t.replace("rounds = 2", "rounds = 0"), "rounds"),
+        (lambda t: t.replace("learning_rate = 0.5", 'learning_rate = "fast"'), "learning_rate"),
+        (lambda t: t.replace("batch_size = 32", "batch_size = 32\nbatchsize = 4"), "batchsize"),
+        (lambda t: t.replace('kind = "dicom"', 'kind = "xray"', 1), "sites.0.kind"),
+        (lambda t: t.replace("min_sites = 2", "min_sites = 5"), "min_sites"),
+        (lambda t: t.replace("noise_multiplier = 1.0", "noise_multiplier = 1.0\ntarget_epsilon = 2"), "dp"),
+        (lambda t: t.replace("delta = 1e-5", "delta = 2"), "dp.delta"),
+        (lambda t: t.replace("poly_modulus_degree = 8192", "poly_modulus_degree = 5000"), "ckks.poly_modulus_degree"),
+        (lambda t: t.replace('name = "site-b"', 'name = "site-a"'), "site names must be unique"),
+        (lambda t: t.replace('name = "site-b"', 'name = "Site B!"'), "sites.1.name"),
+        (lambda t: t.replace('kind = "cnn"', 'kind = "mlp"'), "model.kind"),
+        (lambda t: t.split("[[sites]]")[0], "sites"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, edit, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, edit(GOOD)))
+    message = str(info.value)
+    assert field in message
+    assert "\n" not in message  # one sentence, not a pydantic dump
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "rounds = = 3"))
+
+
+def test_tabular_federation(tmp_path):
+    text = """
+name = "ehr"
+[model]
+kind = "logistic"
+[[sites]]
+name = "a"
+kind = "tabular"
+data = "a.csv"
+labels = "outcome"
+[[sites]]
+name = "b"
+kind = "tabular"
+data = "b.db"
+table = "visits"
+labels = "outcome"
+"""
+    fed = load_config(write(tmp_path, text))
+    assert fed.sites[1].table == "visits"
+    assert fed.sites[0].labels == "outcome"  # a column, not resolved as a path
