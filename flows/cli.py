@@ -29,9 +29,6 @@ from tasks import StepError  # noqa: E402
 from tasks.config import ConfigError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-ledger_app = typer.Typer(no_args_is_help=True, help="Verify and query the audit ledger.")
-app.add_typer(ledger_app, name="ledger")
-
 out = Console()
 err = Console(stderr=True)
 
@@ -198,24 +195,6 @@ def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file."
     out.print_json(fed.model_dump_json())
 
 
-@ledger_app.command("verify")
-@cli_errors
-def ledger_verify(
-    ledger: Annotated[str, typer.Option("--ledger", help="Ledger URL, e.g. sqlite:///ledger.db")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-) -> None:
-    """Recompute the hash chain and every signature; exit 1 naming the first bad entry."""
-    from ledger.verify import verify_ledger
-
-    report = verify_ledger(ledger)
-    if as_json:
-        out.print_json(json.dumps({"ok": True, "entries": report.entries, "head": report.head,
-                                   "actors": list(report.actors)}))
-    else:
-        out.print(f"ledger intact: {report.entries} entries, head {report.head}, "
-                  f"actors {', '.join(report.actors)}")
-
-
 @app.command()
 @cli_errors
 def bench(
@@ -239,6 +218,9 @@ def bench(
 
 
 def main() -> None:
+    from flows.ledger_cli import ledger_app
+
+    app.add_typer(ledger_app, name="ledger")
     app()
 
 

@@ -190,6 +190,22 @@ def model_hash(params: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()
 
 
+def recorded_output(rc: RoundContext, site: str, step: str, output: str, path: Path) -> str | None:
+    """The hash a retried step must reproduce: None when the step was never recorded; the
+    recorded hash when its output file is still there and intact. Recomputing instead would
+    make the ledger's lineage disagree with the artifacts (CKKS encryption is randomized)."""
+    prior = rc.ledger().events(idempotency_key=rc.key(site, step))
+    if not prior:
+        return None
+    digest = prior[0]["outputs"][output]
+    if not path.exists() or sha256_file(path) != digest:
+        raise StepError(
+            f"site {site}: {step} of round {rc.round} is already recorded, but its output {path} "
+            "is missing or altered; restore it or start a new job"
+        )
+    return digest
+
+
 def source_digest(site: SiteConfig) -> str:
     """Hash of the site's raw inputs, to know when the preprocessing cache is stale."""
     h = hashlib.sha256()
@@ -459,18 +475,18 @@ def _train_already_recorded(rc: RoundContext, ledger: Ledger, site: str, data: D
     if ev["action"] == str(Action.REFUSE):
         return TrainRef(site=site, trained=False, n_samples=data.n_train, base_model=base, reason=ev["details"]["reason"], epsilon=cumulative)
     path = rc.work(site) / "local.npy"
-    digest = ev["outputs"]["local_model"]
-    if not path.exists() or sha256_file(path) != digest:
-        raise StepError(
-            f"site {site}: round {ev['round']} was already trained and charged, but its local model "
-            f"{path} is missing or altered; refusing to train and charge again"
-        )
+    digest = recorded_output(rc, site, "train", "local_model", path)
     return TrainRef(site=site, trained=True, n_samples=ev["details"]["samples"], base_model=base, path=path, sha256=digest, epsilon=cumulative)
 
 
 def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
     start = time.perf_counter()
     dp = rc.fed.dp
+    path = rc.work(site) / "update.npy"
+    reused = recorded_output(rc, site, "clip_and_noise", "update", path)
+    if reused is not None:
+        norm = rc.ledger().events(idempotency_key=rc.key(site, "clip_and_noise"))[0]["details"]["norm_before"]
+        return UpdateRef(site=site, path=path, sha256=reused, norm=norm, n_samples=trained.n_samples, seconds=0.0)
     local = load_array(trained.path, sha256=trained.sha256)
     base = load_array(rc.site_paths(site).global_model(rc.job, rc.round - 1))
     if model_hash(base) != trained.base_model:
@@ -481,7 +497,6 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
         clipped = clipped + privacy.gaussian_noise(
             clipped.size, std=noise_std, secure=dp.secure_rng, seed=rc.fed.seed * 7919 + rc.round
         )
-    path = rc.work(site) / "update.npy"
     digest = save_array(path, clipped)
     rc.ledger().append(
         Event(
@@ -509,9 +524,12 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
 def encrypt(site: str, rc: RoundContext, update: UpdateRef) -> CipherRef:
     start = time.perf_counter()
     paths = rc.site_paths(site)
+    path = rc.work(site) / "update.ckks"
+    reused = recorded_output(rc, site, "encrypt", "ciphertext", path)
+    if reused is not None:
+        return CipherRef(site=site, path=path, sha256=reused, n_samples=update.n_samples, seconds=0.0)
     vector = load_array(update.path, sha256=update.sha256)
     blob = secure_agg.encrypt_update(read_secret(paths.ckks_secret, f"CKKS context of site {site}"), vector)
-    path = rc.work(site) / "update.ckks"
     _atomic_write(path, blob)
     digest = hashlib.sha256(blob).hexdigest()
     rc.ledger().append(
