@@ -81,10 +81,11 @@ class _DropKnownTracebacks(logging.Filter):
 
 
 def _quiet_prefect_console() -> None:
-    import prefect  # noqa: F401  (sets up Prefect's logging handlers)
+    from prefect import flow  # noqa: F401  (loads prefect.main, which installs the handlers)
 
-    for name in ["prefect", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]:
-        for handler in logging.getLogger(name).handlers:
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]
+    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
+        for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not any(
                 isinstance(f, _DropKnownTracebacks) for f in handler.filters
             ):
@@ -183,6 +184,31 @@ def run(
 
     summaries = _run_training(config, job)
     _finish(summaries, load_config(config).ledger_url)
+
+
+@app.command()
+@cli_errors
+def serve(
+    config: Annotated[Path, typer.Argument(help="Federation TOML file.")],
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 2 * * 1'.")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: federation name).")] = None,
+) -> None:
+    """Serve the training flow as a Prefect deployment (optionally on a cron schedule), so
+    operators can start, schedule and retry runs from the Prefect UI. Needs a Prefect server:
+    `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api."""
+    from flows.training import federated_training
+    from tasks.config import load_config
+
+    fed = load_config(config)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise Failure("set PREFECT_API_URL to a running Prefect server (prefect server start)", 2)
+    _quiet_prefect_console()
+    federated_training.serve(
+        name=name or fed.name,
+        cron=cron,
+        parameters={"config_path": str(config.resolve())},
+        description=f"medfed federation {fed.name}: {len(fed.sites)} sites, {fed.rounds} rounds",
+    )
 
 
 @app.command()

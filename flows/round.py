@@ -7,8 +7,10 @@ coordinator commits the round once every site reports the same global model vers
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -79,15 +81,31 @@ def to_markdown(s: RoundSummary) -> str:
     return "\n".join(lines)
 
 
-@flow(name="federated_round", flow_run_name="{job}-round-{round_number}", persist_result=False)
-def federated_round(config_path: str, job: str, round_number: int) -> RoundSummary:
-    logger = get_run_logger()
-    fed = load_config(Path(config_path))
-    rc = RoundContext(fed=fed, job=job, round=round_number)
+class Submit(Protocol):
+    """Schedules a step: Prefect's `task.submit`, or a thread pool over the plain function."""
+
+    def __call__(self, step: Any, *args: Any) -> Any: ...
+
+
+def resolve(futures: dict[str, Any]) -> dict[str, Any]:
+    return {key: f.result() for key, f in futures.items()}
+
+
+def prefect_submit(step: Any, *args: Any) -> Any:
+    return step.submit(*args)
+
+
+def run_round(rc: RoundContext, submit: Submit, logger: logging.Logger | logging.LoggerAdapter) -> RoundSummary:
+    """One round's orchestration; the same code runs under Prefect and directly (bench)."""
+    fed, job, round_number = rc.fed, rc.job, rc.round
     names = [s.name for s in fed.sites]
 
-    prepared = {s: preprocess_task.submit(s, rc) for s in names}
-    trained = {s: f.result() for s, f in {s: train_task.submit(s, rc, prepared[s]) for s in names}.items()}
+    prepared = {s: submit(preprocess_task, s, rc) for s in names}
+    trained_f = {s: submit(train_task, s, rc, prepared[s]) for s in names}
+    # Resolve upstream first: a failed step then raises its own error, not the
+    # "unfinished run" of the step waiting on it.
+    resolve(prepared)
+    trained = resolve(trained_f)
     participants = [s for s in names if trained[s].trained]
     for s in names:
         if not trained[s].trained:
@@ -110,14 +128,15 @@ def federated_round(config_path: str, job: str, round_number: int) -> RoundSumma
             message=message,
         )
 
-    updates = {s: clip_and_noise_task.submit(s, rc, trained[s]) for s in participants}
-    ciphers = {s: encrypt_task.submit(s, rc, updates[s]) for s in participants}
-    uploads = {s: upload_task.submit(s, rc, ciphers[s]) for s in participants}
-    upload_refs = [uploads[s].result() for s in participants]
-    aggregate = secure_aggregate_task(rc, upload_refs)
-    evals = {s: evaluate_task.submit(s, rc, prepared[s], aggregate) for s in names}
-    eval_refs = {s: f.result() for s, f in evals.items()}
-    version = commit_round_task(rc, list(trained.values()), list(eval_refs.values()), aggregate)
+    updates = {s: submit(clip_and_noise_task, s, rc, trained[s]) for s in participants}
+    ciphers = {s: submit(encrypt_task, s, rc, updates[s]) for s in participants}
+    uploads = {s: submit(upload_task, s, rc, ciphers[s]) for s in participants}
+    resolve(updates), resolve(ciphers)
+    upload_refs = list(resolve(uploads).values())
+    aggregate = submit(secure_aggregate_task, rc, upload_refs).result()
+    evals = {s: submit(evaluate_task, s, rc, prepared[s], aggregate) for s in names}
+    eval_refs = resolve(evals)
+    version = submit(commit_round_task, rc, list(trained.values()), list(eval_refs.values()), aggregate).result()
 
     overall = weighted([Metrics(auc=e.auc, accuracy=e.accuracy, n=e.n) for e in eval_refs.values()])
     rows = []
@@ -138,15 +157,22 @@ def federated_round(config_path: str, job: str, round_number: int) -> RoundSumma
                 seconds=seconds, note=trained[s].reason,
             )
         )
-    summary = RoundSummary(
+    logger.info("round %d committed: weighted AUC %.3f, model %s", round_number, overall.auc, version[:12])
+    return RoundSummary(
         job=job, round=round_number, status="committed", model_hash=version,
         weighted_auc=overall.auc, weighted_accuracy=overall.accuracy,
         aggregate_seconds=aggregate.seconds, sites=tuple(rows),
     )
-    create_markdown_artifact(
-        key=f"{job}-round-{round_number}".lower(),
-        markdown=to_markdown(summary),
-        description=f"Round {round_number} of job {job}",
-    )
-    logger.info("round %d committed: weighted AUC %.3f, model %s", round_number, overall.auc, version[:12])
+
+
+@flow(name="federated_round", flow_run_name="{job}-round-{round_number}", persist_result=False)
+def federated_round(config_path: str, job: str, round_number: int) -> RoundSummary:
+    rc = RoundContext(fed=load_config(Path(config_path)), job=job, round=round_number)
+    summary = run_round(rc, prefect_submit, get_run_logger())
+    if summary.status == "committed":
+        create_markdown_artifact(
+            key=f"{job}-round-{round_number}".lower(),
+            markdown=to_markdown(summary),
+            description=f"Round {round_number} of job {job}",
+        )
     return summary

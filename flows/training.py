@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows.round import RoundSummary, federated_round
 from ledger.entry import Action, Event
@@ -39,11 +40,26 @@ def committed_rounds(ledger: Ledger, job: str) -> set[int]:
     return {e["round"] for e in ledger.events(job=job, action=str(Action.COMMIT_ROUND))}
 
 
-@flow(name="federated_training", flow_run_name="{job}", persist_result=False)
-def federated_training(config_path: str, job: str) -> list[RoundSummary]:
+def _job_for_this_run(config_path: str, job: str | None) -> str:
+    """An explicit job id, else one derived from the run's scheduled start: stable when the
+    operator retries the flow run from the UI, so a retry resumes the same job."""
+    if job:
+        return job
+    scheduled = flow_run.scheduled_start_time
+    return new_job_id(load_config(Path(config_path)), scheduled.astimezone(UTC) if scheduled else None)
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    return _job_for_this_run(params["config_path"], params.get("job"))
+
+
+@flow(name="federated_training", flow_run_name=_run_name, persist_result=False)
+def federated_training(config_path: str, job: str | None = None) -> list[RoundSummary]:
     """Run (or resume) `job`: rounds already committed in the ledger are skipped."""
     logger = get_run_logger()
     fed = load_config(Path(config_path))
+    job = _job_for_this_run(config_path, job)
     enroll_federation(fed)
     ledger = Ledger(fed.ledger_url)
     coordinator = coordinator_identity(CoordinatorPaths(root=fed.coordinator_root))

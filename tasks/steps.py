@@ -210,6 +210,8 @@ def source_digest(site: SiteConfig) -> str:
     """Hash of the site's raw inputs, to know when the preprocessing cache is stale."""
     h = hashlib.sha256()
     root = site.data
+    if not root.exists():
+        raise StepError(f"site {site.name}: data location {root} does not exist")
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     if site.kind == SiteKind.DICOM:
         files.append(Path(site.labels))
