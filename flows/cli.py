@@ -101,13 +101,25 @@ class _RoundTables(logging.Handler):
             out.print(round_table(summary))
 
 
-STEP_COLUMNS = {"preprocess": "prep", "train": "train", "clip": "clip", "encrypt": "enc",
-                "upload": "up", "evaluate": "eval"}
+STEP_COLUMNS = {
+    "preprocess": "prep",
+    "train": "train",
+    "clip": "clip",
+    "encrypt": "enc",
+    "upload": "up",
+    "evaluate": "eval",
+}
 
 
 def round_table(s: Any) -> Table:
-    table = Table(title=f"{s.job} · round {s.round} · {s.status}", title_justify="left",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    table = Table(
+        title=f"{s.job} · round {s.round} · {s.status}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+    )
     table.add_column("site", no_wrap=True, min_width=max(len(r.site) for r in s.sites))
     for col in ("AUC", "acc", "n", "ε", "KiB up", *STEP_COLUMNS.values()):
         table.add_column(col, justify="right")
@@ -115,11 +127,20 @@ def round_table(s: Any) -> Table:
         steps = [f"{r.seconds[k]:.2f}" if k in r.seconds else "—" for k in STEP_COLUMNS]
         if not r.trained:
             steps[1] = "refused"
-        table.add_row(r.site, _f(r.auc), _f(r.accuracy), str(r.heldout), _f(r.epsilon, 2),
-                      f"{r.bytes_uploaded / 1024:,.0f}", *steps)
+        table.add_row(
+            r.site,
+            _f(r.auc),
+            _f(r.accuracy),
+            str(r.heldout),
+            _f(r.epsilon, 2),
+            f"{r.bytes_uploaded / 1024:,.0f}",
+            *steps,
+        )
     table.add_row("weighted", _f(s.weighted_auc), _f(s.weighted_accuracy), *[""] * 9, style="bold")
-    table.caption = (f"n = held-out images · ε cumulative · step times in seconds · "
-                     f"secure_aggregate {s.aggregate_seconds:.2f} s · model {s.model_hash[:12]}")
+    table.caption = (
+        f"n = held-out images · ε cumulative · step times in seconds · "
+        f"secure_aggregate {s.aggregate_seconds:.2f} s · model {s.model_hash[:12]}"
+    )
     return table
 
 
@@ -149,17 +170,19 @@ def _finish(summaries: list, ledger_url: str) -> None:
         out.print(f"[yellow]Job stopped: {summaries[-1].message}[/yellow]")
     elif summaries:
         last = summaries[-1]
-        out.print(f"Final weighted AUC {last.weighted_auc:.3f}, accuracy {last.weighted_accuracy:.3f}; "
-                  f"global model {last.model_hash[:16]}")
+        out.print(
+            f"Final weighted AUC {last.weighted_auc:.3f}, accuracy {last.weighted_accuracy:.3f}; "
+            f"global model {last.model_hash[:16]}"
+        )
     out.print(f"Verify the record: medfed ledger verify --ledger {ledger_url}")
 
 
 @app.command()
 @cli_errors
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where data, keys, artifacts and ledger.db go.")] = Path(
-        "medfed-demo"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(help="Where data, keys, artifacts and ledger.db go.")
+    ] = Path("medfed-demo"),
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 4,
     dp: Annotated[bool, typer.Option(help="Train with DP-SGD (--no-dp for the baseline).")] = True,
     job: Annotated[str | None, typer.Option(help="Job id (default: demo-<timestamp>).")] = None,
@@ -177,7 +200,9 @@ def demo(
 @cli_errors
 def run(
     config: Annotated[Path, typer.Argument(help="Federation TOML file.")],
-    job: Annotated[str | None, typer.Option(help="Job id; an existing id resumes that job.")] = None,
+    job: Annotated[
+        str | None, typer.Option(help="Job id; an existing id resumes that job.")
+    ] = None,
 ) -> None:
     """Run (or resume) a federation from its TOML file."""
     from tasks.config import load_config
@@ -191,7 +216,9 @@ def run(
 def serve(
     config: Annotated[Path, typer.Argument(help="Federation TOML file.")],
     cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 2 * * 1'.")] = None,
-    name: Annotated[str | None, typer.Option(help="Deployment name (default: federation name).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Deployment name (default: federation name).")
+    ] = None,
 ) -> None:
     """Serve the training flow as a Prefect deployment (optionally on a cron schedule), so
     operators can start, schedule and retry runs from the Prefect UI. Needs a Prefect server:
@@ -225,7 +252,9 @@ def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file."
 @cli_errors
 def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    workdir: Annotated[Path | None, typer.Option(help="Scratch folder (default: a temp dir).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Scratch folder (default: a temp dir).")
+    ] = None,
 ) -> None:
     """Measure round time, Prefect overhead, DP-SGD cost and CKKS cost on this machine."""
     from flows.bench import run_benchmarks

@@ -95,7 +95,9 @@ def prefect_submit(step: Any, *args: Any) -> Any:
     return step.submit(*args)
 
 
-def run_round(rc: RoundContext, submit: Submit, logger: logging.Logger | logging.LoggerAdapter) -> RoundSummary:
+def run_round(
+    rc: RoundContext, submit: Submit, logger: logging.Logger | logging.LoggerAdapter
+) -> RoundSummary:
     """One round's orchestration; the same code runs under Prefect and directly (bench)."""
     fed, job, round_number = rc.fed, rc.job, rc.round
     names = [s.name for s in fed.sites]
@@ -117,12 +119,25 @@ def run_round(rc: RoundContext, submit: Submit, logger: logging.Logger | logging
         )
         logger.warning(message)
         return RoundSummary(
-            job=job, round=round_number, status="budget_exhausted", model_hash="",
-            weighted_auc=float("nan"), weighted_accuracy=float("nan"), aggregate_seconds=0.0,
+            job=job,
+            round=round_number,
+            status="budget_exhausted",
+            model_hash="",
+            weighted_auc=float("nan"),
+            weighted_accuracy=float("nan"),
+            aggregate_seconds=0.0,
             sites=tuple(
-                SiteRow(site=s, trained=trained[s].trained, auc=float("nan"), accuracy=float("nan"),
-                        heldout=0, epsilon=trained[s].epsilon, bytes_uploaded=0, seconds={},
-                        note=trained[s].reason)
+                SiteRow(
+                    site=s,
+                    trained=trained[s].trained,
+                    auc=float("nan"),
+                    accuracy=float("nan"),
+                    heldout=0,
+                    epsilon=trained[s].epsilon,
+                    bytes_uploaded=0,
+                    seconds={},
+                    note=trained[s].reason,
+                )
                 for s in names
             ),
             message=message,
@@ -136,7 +151,9 @@ def run_round(rc: RoundContext, submit: Submit, logger: logging.Logger | logging
     aggregate = submit(secure_aggregate_task, rc, upload_refs).result()
     evals = {s: submit(evaluate_task, s, rc, prepared[s], aggregate) for s in names}
     eval_refs = resolve(evals)
-    version = submit(commit_round_task, rc, list(trained.values()), list(eval_refs.values()), aggregate).result()
+    version = submit(
+        commit_round_task, rc, list(trained.values()), list(eval_refs.values()), aggregate
+    ).result()
 
     overall = weighted([Metrics(auc=e.auc, accuracy=e.accuracy, n=e.n) for e in eval_refs.values()])
     rows = []
@@ -151,17 +168,29 @@ def run_round(rc: RoundContext, submit: Submit, logger: logging.Logger | logging
         seconds["evaluate"] = eval_refs[s].seconds
         rows.append(
             SiteRow(
-                site=s, trained=trained[s].trained, auc=eval_refs[s].auc,
-                accuracy=eval_refs[s].accuracy, heldout=eval_refs[s].n, epsilon=trained[s].epsilon,
+                site=s,
+                trained=trained[s].trained,
+                auc=eval_refs[s].auc,
+                accuracy=eval_refs[s].accuracy,
+                heldout=eval_refs[s].n,
+                epsilon=trained[s].epsilon,
                 bytes_uploaded=uploads[s].result().artifact.size if s in participants else 0,
-                seconds=seconds, note=trained[s].reason,
+                seconds=seconds,
+                note=trained[s].reason,
             )
         )
-    logger.info("round %d committed: weighted AUC %.3f, model %s", round_number, overall.auc, version[:12])
+    logger.info(
+        "round %d committed: weighted AUC %.3f, model %s", round_number, overall.auc, version[:12]
+    )
     return RoundSummary(
-        job=job, round=round_number, status="committed", model_hash=version,
-        weighted_auc=overall.auc, weighted_accuracy=overall.accuracy,
-        aggregate_seconds=aggregate.seconds, sites=tuple(rows),
+        job=job,
+        round=round_number,
+        status="committed",
+        model_hash=version,
+        weighted_auc=overall.auc,
+        weighted_accuracy=overall.accuracy,
+        aggregate_seconds=aggregate.seconds,
+        sites=tuple(rows),
     )
 
 

@@ -46,7 +46,9 @@ def _job_for_this_run(config_path: str, job: str | None) -> str:
     if job:
         return job
     scheduled = flow_run.scheduled_start_time
-    return new_job_id(load_config(Path(config_path)), scheduled.astimezone(UTC) if scheduled else None)
+    return new_job_id(
+        load_config(Path(config_path)), scheduled.astimezone(UTC) if scheduled else None
+    )
 
 
 def _run_name() -> str:

@@ -133,7 +133,9 @@ class FederationConfig(_Strict):
             raise ValueError("all sites must be of one kind: they train one model")
         image_sites = SiteKind.DICOM in kinds
         if image_sites != (self.model.kind == ModelKind.CNN):
-            raise ValueError("model.kind 'cnn' is for dicom sites; tabular sites use 'mlp' or 'logistic'")
+            raise ValueError(
+                "model.kind 'cnn' is for dicom sites; tabular sites use 'mlp' or 'logistic'"
+            )
         return self
 
     @property

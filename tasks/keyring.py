@@ -104,7 +104,9 @@ def enroll(
     risk in the README's threat model); the coordinator receives only its public half.
     """
     coord = keys.load_or_create(COORDINATOR, coordinator.identity)
-    secret_ctx = next((p.ckks_secret.read_bytes() for _, p in sites if p.ckks_secret.exists()), None)
+    secret_ctx = next(
+        (p.ckks_secret.read_bytes() for _, p in sites if p.ckks_secret.exists()), None
+    )
     if secret_ctx is None:
         secret_ctx = create_secret_context(**ckks)
     for name, paths in sites:

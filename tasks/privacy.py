@@ -60,16 +60,22 @@ def _accountant(name: str) -> PRVAccountant | RDPAccountant:
     try:
         return _ACCOUNTANTS[name]()
     except KeyError:
-        raise StepError(f"unknown accountant '{name}' (use one of {sorted(_ACCOUNTANTS)})") from None
+        raise StepError(
+            f"unknown accountant '{name}' (use one of {sorted(_ACCOUNTANTS)})"
+        ) from None
 
 
-def planned_release(*, n_samples: int, batch_size: int, epochs: int, noise_multiplier: float) -> Release:
+def planned_release(
+    *, n_samples: int, batch_size: int, epochs: int, noise_multiplier: float
+) -> Release:
     """The release one round of local training makes, as Opacus' Poisson loader runs it:
     sample rate 1/ceil(n/batch), and ceil(n/batch) steps per epoch."""
     if n_samples < 1:
         raise StepError("a site needs at least one training sample")
     batches = math.ceil(n_samples / batch_size)
-    return Release(noise_multiplier=noise_multiplier, sample_rate=1 / batches, steps=epochs * batches)
+    return Release(
+        noise_multiplier=noise_multiplier, sample_rate=1 / batches, steps=epochs * batches
+    )
 
 
 def calibrate_noise(

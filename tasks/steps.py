@@ -29,8 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ledger.entry import Action, Event, Outcome
 from ledger.store import Ledger
-from tasks import StepError
-from tasks import ingest, models, privacy, secure_agg, transport
+from tasks import StepError, ingest, models, privacy, secure_agg, transport
 from tasks.config import FederationConfig, SiteConfig, SiteKind
 from tasks.evaluate import metrics, predict
 from tasks.keyring import (
@@ -262,7 +261,10 @@ def noise_multiplier_for(rc: RoundContext, n_samples: int) -> float | None:
     if dp.noise_multiplier is not None:
         return dp.noise_multiplier
     one_round = privacy.planned_release(
-        n_samples=n_samples, batch_size=rc.fed.batch_size, epochs=rc.fed.local_epochs, noise_multiplier=1.0
+        n_samples=n_samples,
+        batch_size=rc.fed.batch_size,
+        epochs=rc.fed.local_epochs,
+        noise_multiplier=1.0,
     )
     return privacy.calibrate_noise(
         target_epsilon=dp.target_epsilon,
@@ -290,7 +292,9 @@ def preprocess(site: str, rc: RoundContext) -> DatasetRef:
         "holdout": fed.holdout_fraction,
         "seed": fed.seed,
     }
-    digest = hashlib.sha256((source_digest(cfg) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    digest = hashlib.sha256(
+        (source_digest(cfg) + json.dumps(settings, sort_keys=True)).encode()
+    ).hexdigest()
     cache = paths.cache / f"prepared-{digest[:32]}.npz"
     cached = cache.exists()
     if cached:
@@ -372,9 +376,14 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
     epsilon_after = 0.0
     if noise is not None:
         planned = privacy.planned_release(
-            n_samples=data.n_train, batch_size=rc.fed.batch_size, epochs=rc.fed.local_epochs, noise_multiplier=noise
+            n_samples=data.n_train,
+            batch_size=rc.fed.batch_size,
+            epochs=rc.fed.local_epochs,
+            noise_multiplier=noise,
         )
-        epsilon_after = privacy.epsilon(history + [planned], delta=dp.delta, accountant=str(dp.accountant))
+        epsilon_after = privacy.epsilon(
+            history + [planned], delta=dp.delta, accountant=str(dp.accountant)
+        )
         if epsilon_after > dp.epsilon_budget:
             spent = privacy.epsilon(history, delta=dp.delta, accountant=str(dp.accountant))
             reason = (
@@ -402,7 +411,14 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
                 ),
                 site_identity(site, paths),
             )
-            return TrainRef(site=site, trained=False, n_samples=data.n_train, base_model=base_hash, reason=reason, epsilon=spent)
+            return TrainRef(
+                site=site,
+                trained=False,
+                n_samples=data.n_train,
+                base_model=base_hash,
+                reason=reason,
+                epsilon=spent,
+            )
     ds = ingest.load_prepared(data.path)
     model = models.load_flat(_model_for(rc, data.features), base)
     outcome = train_local(
@@ -423,7 +439,9 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
             raise StepError(f"site {site}: training made a different DP release than was budgeted")
         privacy_record = {
             "release": outcome.release.as_dict(),
-            "epsilon_round": privacy.epsilon([outcome.release], delta=dp.delta, accountant=str(dp.accountant)),
+            "epsilon_round": privacy.epsilon(
+                [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
+            ),
             "epsilon_cumulative": epsilon_after,
             "epsilon_budget": dp.epsilon_budget,
             "delta": dp.delta,
@@ -466,19 +484,38 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
     )
 
 
-def _train_already_recorded(rc: RoundContext, ledger: Ledger, site: str, data: DatasetRef) -> TrainRef | None:
+def _train_already_recorded(
+    rc: RoundContext, ledger: Ledger, site: str, data: DatasetRef
+) -> TrainRef | None:
     """A retried round reuses the update it already released (and paid for)."""
     prior = ledger.events(idempotency_key=rc.key(site, "train"))
     if not prior:
         return None
     ev = prior[0]
     base = ev["inputs"].get("global_model", "")
-    cumulative = (ev.get("privacy") or {}).get("epsilon_cumulative", (ev.get("privacy") or {}).get("epsilon_spent", 0.0))
+    cumulative = (ev.get("privacy") or {}).get(
+        "epsilon_cumulative", (ev.get("privacy") or {}).get("epsilon_spent", 0.0)
+    )
     if ev["action"] == str(Action.REFUSE):
-        return TrainRef(site=site, trained=False, n_samples=data.n_train, base_model=base, reason=ev["details"]["reason"], epsilon=cumulative)
+        return TrainRef(
+            site=site,
+            trained=False,
+            n_samples=data.n_train,
+            base_model=base,
+            reason=ev["details"]["reason"],
+            epsilon=cumulative,
+        )
     path = rc.work(site) / "local.npy"
     digest = recorded_output(rc, site, "train", "local_model", path)
-    return TrainRef(site=site, trained=True, n_samples=ev["details"]["samples"], base_model=base, path=path, sha256=digest, epsilon=cumulative)
+    return TrainRef(
+        site=site,
+        trained=True,
+        n_samples=ev["details"]["samples"],
+        base_model=base,
+        path=path,
+        sha256=digest,
+        epsilon=cumulative,
+    )
 
 
 def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
@@ -487,8 +524,12 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
     path = rc.work(site) / "update.npy"
     reused = recorded_output(rc, site, "clip_and_noise", "update", path)
     if reused is not None:
-        norm = rc.ledger().events(idempotency_key=rc.key(site, "clip_and_noise"))[0]["details"]["norm_before"]
-        return UpdateRef(site=site, path=path, sha256=reused, norm=norm, n_samples=trained.n_samples, seconds=0.0)
+        norm = rc.ledger().events(idempotency_key=rc.key(site, "clip_and_noise"))[0]["details"][
+            "norm_before"
+        ]
+        return UpdateRef(
+            site=site, path=path, sha256=reused, norm=norm, n_samples=trained.n_samples, seconds=0.0
+        )
     local = load_array(trained.path, sha256=trained.sha256)
     base = load_array(rc.site_paths(site).global_model(rc.job, rc.round - 1))
     if model_hash(base) != trained.base_model:
@@ -520,7 +561,14 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
         ),
         site_identity(site, rc.site_paths(site)),
     )
-    return UpdateRef(site=site, path=path, sha256=digest, norm=norm, n_samples=trained.n_samples, seconds=time.perf_counter() - start)
+    return UpdateRef(
+        site=site,
+        path=path,
+        sha256=digest,
+        norm=norm,
+        n_samples=trained.n_samples,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def encrypt(site: str, rc: RoundContext, update: UpdateRef) -> CipherRef:
@@ -529,9 +577,13 @@ def encrypt(site: str, rc: RoundContext, update: UpdateRef) -> CipherRef:
     path = rc.work(site) / "update.ckks"
     reused = recorded_output(rc, site, "encrypt", "ciphertext", path)
     if reused is not None:
-        return CipherRef(site=site, path=path, sha256=reused, n_samples=update.n_samples, seconds=0.0)
+        return CipherRef(
+            site=site, path=path, sha256=reused, n_samples=update.n_samples, seconds=0.0
+        )
     vector = load_array(update.path, sha256=update.sha256)
-    blob = secure_agg.encrypt_update(read_secret(paths.ckks_secret, f"CKKS context of site {site}"), vector)
+    blob = secure_agg.encrypt_update(
+        read_secret(paths.ckks_secret, f"CKKS context of site {site}"), vector
+    )
     _atomic_write(path, blob)
     digest = hashlib.sha256(blob).hexdigest()
     rc.ledger().append(
@@ -548,7 +600,13 @@ def encrypt(site: str, rc: RoundContext, update: UpdateRef) -> CipherRef:
         ),
         site_identity(site, paths),
     )
-    return CipherRef(site=site, path=path, sha256=digest, n_samples=update.n_samples, seconds=time.perf_counter() - start)
+    return CipherRef(
+        site=site,
+        path=path,
+        sha256=digest,
+        n_samples=update.n_samples,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def upload(site: str, rc: RoundContext, encrypted: CipherRef) -> UploadRef:
@@ -581,7 +639,9 @@ def upload(site: str, rc: RoundContext, encrypted: CipherRef) -> UploadRef:
         ),
         identity,
     )
-    return UploadRef(site=site, artifact=ref, n_samples=encrypted.n_samples, seconds=time.perf_counter() - start)
+    return UploadRef(
+        site=site, artifact=ref, n_samples=encrypted.n_samples, seconds=time.perf_counter() - start
+    )
 
 
 # ---------------------------------------------------------------- coordinator steps
@@ -597,7 +657,9 @@ def aggregation_weights(uploads: Sequence[UploadRef]) -> dict[str, float]:
 def secure_aggregate(rc: RoundContext, uploads: Sequence[UploadRef]) -> AggregateRef:
     start = time.perf_counter()
     if len(uploads) < rc.fed.min_sites:
-        raise StepError(f"round {rc.round}: {len(uploads)} updates, fewer than min_sites={rc.fed.min_sites}")
+        raise StepError(
+            f"round {rc.round}: {len(uploads)} updates, fewer than min_sites={rc.fed.min_sites}"
+        )
     coord = rc.coordinator
     blobs = [
         transport.fetch(
@@ -633,7 +695,12 @@ def secure_aggregate(rc: RoundContext, uploads: Sequence[UploadRef]) -> Aggregat
             idempotency_key=rc.key(COORDINATOR, "secure_aggregate"),
             inputs={u.site: u.artifact.sha256 for u in uploads},
             outputs={"aggregate": ref.sha256},
-            details={"weights": weights, "uri": ref.uri, "bytes": ref.size, "sites": sorted(weights)},
+            details={
+                "weights": weights,
+                "uri": ref.uri,
+                "bytes": ref.size,
+                "sites": sorted(weights),
+            },
         ),
         identity,
     )
@@ -650,7 +717,9 @@ def evaluate(site: str, rc: RoundContext, data: DatasetRef, aggregate: Aggregate
         round=rc.round,
         kind="aggregate",
     )
-    mean_update = secure_agg.decrypt_update(read_secret(paths.ckks_secret, f"CKKS context of site {site}"), blob)
+    mean_update = secure_agg.decrypt_update(
+        read_secret(paths.ckks_secret, f"CKKS context of site {site}"), blob
+    )
     base = global_before(rc, site, data.features)
     new_global = (base + mean_update).astype(np.float32)
     save_array(paths.global_model(rc.job, rc.round), new_global)
@@ -672,13 +741,24 @@ def evaluate(site: str, rc: RoundContext, data: DatasetRef, aggregate: Aggregate
         ),
         site_identity(site, paths),
     )
-    return EvalRef(site=site, model_hash=version, auc=m.auc, accuracy=m.accuracy, n=m.n, seconds=time.perf_counter() - start)
+    return EvalRef(
+        site=site,
+        model_hash=version,
+        auc=m.auc,
+        accuracy=m.accuracy,
+        n=m.n,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def commit_round(rc: RoundContext, trained: Sequence[TrainRef], evals: Sequence[EvalRef], aggregate: AggregateRef) -> str:
+def commit_round(
+    rc: RoundContext, trained: Sequence[TrainRef], evals: Sequence[EvalRef], aggregate: AggregateRef
+) -> str:
     versions = {e.model_hash for e in evals}
     if len(versions) != 1:
-        raise StepError(f"round {rc.round}: sites decrypted different global models ({len(versions)} versions)")
+        raise StepError(
+            f"round {rc.round}: sites decrypted different global models ({len(versions)} versions)"
+        )
     version = versions.pop()
     total = sum(e.n for e in evals)
     rc.ledger().append(
@@ -709,9 +789,15 @@ def commit_round(rc: RoundContext, trained: Sequence[TrainRef], evals: Sequence[
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 preprocess_task = task(preprocess, name="preprocess", task_run_name="preprocess-{site}", **_TASK)
 train_task = task(train, name="train", task_run_name="train-{site}", **_TASK)
-clip_and_noise_task = task(clip_and_noise, name="clip_and_noise", task_run_name="clip_and_noise-{site}", **_TASK)
+clip_and_noise_task = task(
+    clip_and_noise, name="clip_and_noise", task_run_name="clip_and_noise-{site}", **_TASK
+)
 encrypt_task = task(encrypt, name="encrypt", task_run_name="encrypt-{site}", **_TASK)
-upload_task = task(upload, name="upload", task_run_name="upload-{site}", retries=2, retry_delay_seconds=1, **_TASK)
-secure_aggregate_task = task(secure_aggregate, name="secure_aggregate", retries=2, retry_delay_seconds=1, **_TASK)
+upload_task = task(
+    upload, name="upload", task_run_name="upload-{site}", retries=2, retry_delay_seconds=1, **_TASK
+)
+secure_aggregate_task = task(
+    secure_aggregate, name="secure_aggregate", retries=2, retry_delay_seconds=1, **_TASK
+)
 evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{site}", **_TASK)
 commit_round_task = task(commit_round, name="commit_round", **_TASK)

@@ -17,7 +17,9 @@ MEDFED = [sys.executable, "-m", "flows.cli"]
 
 def medfed(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "120"}
-    return subprocess.run([*MEDFED, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [*MEDFED, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def assert_one_clean_error(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
@@ -31,13 +33,17 @@ def assert_one_clean_error(proc: subprocess.CompletedProcess, code: int, *fragme
 
 def test_bad_config_exits_2_naming_the_field(tmp_path):
     cfg = tmp_path / "federation.toml"
-    cfg.write_text(demo_config_text(["a", "b"], rounds=2, dp=True).replace("delta = 1e-5", "delta = 3"))
+    cfg.write_text(
+        demo_config_text(["a", "b"], rounds=2, dp=True).replace("delta = 1e-5", "delta = 3")
+    )
     assert_one_clean_error(medfed("validate", str(cfg)), 2, "dp.delta")
     assert_one_clean_error(medfed("run", str(cfg)), 2, "dp.delta")
 
 
 def test_missing_config_file(tmp_path):
-    assert_one_clean_error(medfed("run", str(tmp_path / "nope.toml")), 2, "nope.toml", "does not exist")
+    assert_one_clean_error(
+        medfed("run", str(tmp_path / "nope.toml")), 2, "nope.toml", "does not exist"
+    )
 
 
 def test_verify_exit_codes(tmp_path):
@@ -45,7 +51,17 @@ def test_verify_exit_codes(tmp_path):
     ledger = Ledger(url)
     who = keys.generate("site-a")
     for i in range(5):
-        ledger.append(Event(actor="site-a", action=Action.TRAIN, job="j", round=i, site="site-a", idempotency_key=f"k{i}"), who)
+        ledger.append(
+            Event(
+                actor="site-a",
+                action=Action.TRAIN,
+                job="j",
+                round=i,
+                site="site-a",
+                idempotency_key=f"k{i}",
+            ),
+            who,
+        )
     ok = medfed("ledger", "verify", "--ledger", url)
     assert ok.returncode == 0 and "intact" in ok.stdout and "6 entries" in ok.stdout
     with ledger.engine.begin() as conn:
@@ -60,7 +76,9 @@ def test_bad_site_data_fails_inside_prefect_without_a_traceback(tmp_path):
     cfg.write_text(demo_config_text(["north", "south"], rounds=1, dp=True))
     proc = medfed("run", str(cfg), timeout=600)
     assert_one_clean_error(proc, 2, "north")
-    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.ckks"))
+    assert not (tmp_path / "artifacts").exists() or not any(
+        (tmp_path / "artifacts").rglob("*.ckks")
+    )
 
 
 @pytest.mark.parametrize("args", [["--help"], ["ledger", "--help"], ["demo", "--help"]])

@@ -33,9 +33,17 @@ def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
         (lambda t: t.replace("batch_size = 32", "batch_size = 32\nbatchsize = 4"), "batchsize"),
         (lambda t: t.replace('kind = "dicom"', 'kind = "xray"', 1), "sites.0.kind"),
         (lambda t: t.replace("min_sites = 2", "min_sites = 5"), "min_sites"),
-        (lambda t: t.replace("noise_multiplier = 1.0", "noise_multiplier = 1.0\ntarget_epsilon = 2"), "dp"),
+        (
+            lambda t: t.replace(
+                "noise_multiplier = 1.0", "noise_multiplier = 1.0\ntarget_epsilon = 2"
+            ),
+            "dp",
+        ),
         (lambda t: t.replace("delta = 1e-5", "delta = 2"), "dp.delta"),
-        (lambda t: t.replace("poly_modulus_degree = 8192", "poly_modulus_degree = 5000"), "ckks.poly_modulus_degree"),
+        (
+            lambda t: t.replace("poly_modulus_degree = 8192", "poly_modulus_degree = 5000"),
+            "ckks.poly_modulus_degree",
+        ),
         (lambda t: t.replace('name = "site-b"', 'name = "site-a"'), "site names must be unique"),
         (lambda t: t.replace('name = "site-b"', 'name = "Site B!"'), "sites.1.name"),
         (lambda t: t.replace('kind = "cnn"', 'kind = "mlp"'), "model.kind"),

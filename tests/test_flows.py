@@ -35,11 +35,17 @@ def cohorts(tmp_path_factory) -> Path:
     return root
 
 
-def federation(tmp_path: Path, cohorts: Path, *, rounds: int, dp: bool = True, **replace: str) -> Path:
+def federation(
+    tmp_path: Path, cohorts: Path, *, rounds: int, dp: bool = True, **replace: str
+) -> Path:
     """The demo federation file, in its own folder, reading the shared (read-only) cohorts."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "data").symlink_to(cohorts, target_is_directory=True)
-    text = demo_config_text(sorted(p.name for p in cohorts.iterdir() if p.is_dir() and not p.name.startswith(".")), rounds=rounds, dp=dp)
+    text = demo_config_text(
+        sorted(p.name for p in cohorts.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        rounds=rounds,
+        dp=dp,
+    )
     for old, new in replace.items():
         assert old in text
         text = text.replace(old, new)
@@ -73,7 +79,10 @@ def test_two_round_federation_is_recorded_step_by_step(tmp_path, cohorts):
     assert report.entries == ledger.size()
     # Every site decrypted the same global model, which the coordinator committed.
     for r in (1, 2):
-        versions = {e["outputs"]["global_model"] for e in ledger.events(job="job-a", round=r, action="evaluate")}
+        versions = {
+            e["outputs"]["global_model"]
+            for e in ledger.events(job="job-a", round=r, action="evaluate")
+        }
         commit = ledger.events(job="job-a", round=r, action="commit_round")[0]
         assert versions == {commit["outputs"]["global_model"]}
 
@@ -92,8 +101,8 @@ def test_two_round_federation_is_recorded_step_by_step(tmp_path, cohorts):
     victim = next(e for e in ledger.events(job="job-a") if e["action"] == "train")
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql(
-            "UPDATE ledger_entry SET body = replace(body, '\"samples\":', '\"samples\":1') WHERE seq = ?",
-            (victim["seq"],),
+            "UPDATE ledger_entry SET body = replace(body, ?, ?) WHERE seq = ?",
+            ('"samples":', '"samples":1', victim["seq"]),
         )
     with pytest.raises(EntryError) as info:
         verify_ledger(f"sqlite:///{ledger_file}")
@@ -103,7 +112,12 @@ def test_two_round_federation_is_recorded_step_by_step(tmp_path, cohorts):
 def test_failed_round_is_retried_without_training_or_charging_twice(tmp_path, cohorts):
     blocker = tmp_path / "store"
     blocker.write_text("not a directory")  # uploads fail: the store path is a file
-    config = federation(tmp_path, cohorts, rounds=1, **{'artifact_store = "artifacts"': 'artifact_store = "store/artifacts"'})
+    config = federation(
+        tmp_path,
+        cohorts,
+        rounds=1,
+        **{'artifact_store = "artifacts"': 'artifact_store = "store/artifacts"'},
+    )
     with pytest.raises(Exception):  # noqa: B017 - whichever error the filesystem raises
         federated_training(str(config), "job-r")
     ledger = ledger_of(config)
@@ -138,7 +152,12 @@ def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
     assert min(two_rounds.values()) > one_round
     budget = f"{one_round + 1e-6:.9f}"
 
-    config = federation(tmp_path / "fed", cohorts, rounds=3, **{"epsilon_budget = 10.0": f"epsilon_budget = {budget}"})
+    config = federation(
+        tmp_path / "fed",
+        cohorts,
+        rounds=3,
+        **{"epsilon_budget = 10.0": f"epsilon_budget = {budget}"},
+    )
     summaries = federated_training(str(config), "job-b1")
     assert [s.status for s in summaries] == ["committed", "budget_exhausted"]
     ledger = ledger_of(config)
@@ -168,8 +187,12 @@ def test_tabular_sites_csv_and_sqlite(tmp_path):
         rows = list(csv.DictReader(fh))
     with sqlite3.connect(tmp_path / "b.db") as db:
         cols = list(rows[0])
-        db.execute(f"CREATE TABLE visits ({', '.join(c + (' TEXT' if c == 'patient_id' else ' REAL') for c in cols)})")
-        db.executemany(f"INSERT INTO visits VALUES ({', '.join('?' * len(cols))})", [list(r.values()) for r in rows])
+        types = ", ".join(f"{c} {'TEXT' if c == 'patient_id' else 'REAL'}" for c in cols)
+        db.execute(f"CREATE TABLE visits ({types})")
+        db.executemany(
+            f"INSERT INTO visits VALUES ({', '.join('?' * len(cols))})",
+            [list(r.values()) for r in rows],
+        )
     config = tmp_path / "federation.toml"
     config.write_text(
         f"""
@@ -192,7 +215,7 @@ labels = "outcome"
 [[sites]]
 name = "clinic-b"
 kind = "tabular"
-data = "{tmp_path / 'b.db'}"
+data = "{tmp_path / "b.db"}"
 table = "visits"
 labels = "outcome"
 """
@@ -208,7 +231,12 @@ def _assert_no_identifiers(cohorts: Path, places: list[Path]) -> None:
     identifiers: set[str] = set()
     for dcm in list(cohorts.rglob("*.dcm"))[:200]:
         ds = pydicom.dcmread(dcm, stop_before_pixels=True)
-        identifiers |= {str(ds.PatientID), str(ds.PatientName), str(ds.PatientBirthDate), str(ds.InstitutionName)}
+        identifiers |= {
+            str(ds.PatientID),
+            str(ds.PatientName),
+            str(ds.PatientBirthDate),
+            str(ds.InstitutionName),
+        }
     for place in places:
         files = [place] if place.is_file() else [p for p in place.rglob("*") if p.is_file()]
         for f in files:

@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks import StepError
-from tasks.privacy import Release, calibrate_noise, clip_update, epsilon, gaussian_noise, merged, planned_release
+from tasks.privacy import (
+    Release,
+    calibrate_noise,
+    clip_update,
+    epsilon,
+    gaussian_noise,
+    merged,
+    planned_release,
+)
 
 R = Release(noise_multiplier=1.0, sample_rate=0.1, steps=20)
 
@@ -15,7 +23,11 @@ R = Release(noise_multiplier=1.0, sample_rate=0.1, steps=20)
 def test_epsilon_grows_with_history_and_merging_changes_nothing(accountant):
     one = epsilon([R], delta=1e-5, accountant=accountant)
     three = epsilon([R, R, R], delta=1e-5, accountant=accountant)
-    as_one = epsilon([Release(noise_multiplier=1.0, sample_rate=0.1, steps=60)], delta=1e-5, accountant=accountant)
+    as_one = epsilon(
+        [Release(noise_multiplier=1.0, sample_rate=0.1, steps=60)],
+        delta=1e-5,
+        accountant=accountant,
+    )
     assert 0 < one < three
     assert three == pytest.approx(as_one, rel=1e-9)
     assert epsilon([], delta=1e-5, accountant=accountant) == 0.0
@@ -46,8 +58,12 @@ def test_unknown_accountant_and_invalid_release():
     steps=st.integers(min_value=5, max_value=200),
 )
 def test_calibration_never_overshoots_the_target(target, q, steps):
-    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, accountant="rdp")
-    spent = epsilon([Release(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant="rdp")
+    sigma = calibrate_noise(
+        target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, accountant="rdp"
+    )
+    spent = epsilon(
+        [Release(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant="rdp"
+    )
     assert spent <= target * 1.0001
 
 
@@ -56,7 +72,10 @@ def test_planned_release_matches_poisson_loader_shape():
     assert r == Release(noise_multiplier=1.2, sample_rate=0.25, steps=8)
 
 
-@given(st.lists(st.floats(min_value=-1e3, max_value=1e3), min_size=1, max_size=50), st.floats(min_value=0.01, max_value=100))
+@given(
+    st.lists(st.floats(min_value=-1e3, max_value=1e3), min_size=1, max_size=50),
+    st.floats(min_value=0.01, max_value=100),
+)
 def test_clip_bounds_the_norm_and_keeps_direction(values, bound):
     update = np.array(values, dtype=np.float32)
     clipped, norm = clip_update(update, max_norm=bound)
@@ -64,7 +83,9 @@ def test_clip_bounds_the_norm_and_keeps_direction(values, bound):
     if norm <= bound:
         np.testing.assert_allclose(clipped, update, rtol=1e-6)
     elif norm > 0:
-        np.testing.assert_allclose(clipped * (norm / np.linalg.norm(clipped)), update, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            clipped * (norm / np.linalg.norm(clipped)), update, rtol=1e-3, atol=1e-3
+        )
 
 
 def test_clip_rejects_non_finite_updates():
@@ -80,5 +101,10 @@ def test_gaussian_noise_has_the_requested_spread(secure):
 
 
 def test_seeded_noise_is_reproducible_and_secure_noise_is_not():
-    np.testing.assert_array_equal(gaussian_noise(10, std=1, secure=False, seed=3), gaussian_noise(10, std=1, secure=False, seed=3))
-    assert not np.array_equal(gaussian_noise(10, std=1, secure=True), gaussian_noise(10, std=1, secure=True))
+    np.testing.assert_array_equal(
+        gaussian_noise(10, std=1, secure=False, seed=3),
+        gaussian_noise(10, std=1, secure=False, seed=3),
+    )
+    assert not np.array_equal(
+        gaussian_noise(10, std=1, secure=True), gaussian_noise(10, std=1, secure=True)
+    )
