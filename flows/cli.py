@@ -238,6 +238,68 @@ def serve(
     )
 
 
+@app.command("audit-privacy")
+@cli_errors
+def audit_privacy(
+    config: Annotated[
+        Path, typer.Argument(help="Federation TOML file (e.g. medfed-demo/federation.toml).")
+    ],
+    job: Annotated[
+        str | None, typer.Option(help="Job to audit (default: the latest committed).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Membership-inference attack on a job's final global model, at every site: members are
+    the site's training patients, non-members its held-out patients. AUC 0.5 = no leak seen."""
+    from ledger.store import Ledger
+    from tasks.audit import audit_site
+    from tasks.config import load_config
+
+    fed = load_config(config)
+    if job is None:
+        commits = Ledger(fed.ledger_url).events(action="commit_round")
+        if not commits:
+            raise Failure(f"the ledger {fed.ledger_url} has no committed round to audit", 2)
+        job = commits[-1]["job"]
+    results = [audit_site(fed, job, s.name) for s in fed.sites]
+    dp = Ledger(fed.ledger_url).events(job=job, action="train")
+    epsilon = {e["site"]: (e.get("privacy") or {}).get("epsilon_cumulative") for e in dp}
+    rows = [
+        {
+            "site": r.site,
+            "job": r.job,
+            "round": r.round,
+            "attack_auc": r.attack.attack_auc,
+            "members": r.attack.members,
+            "non_members": r.attack.non_members,
+            "train_loss": r.train_loss,
+            "heldout_loss": r.heldout_loss,
+            "epsilon": epsilon.get(r.site),
+        }
+        for r in results
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(
+        title=f"membership inference on {job}, round {rows[0]['round']}", box=box.SIMPLE_HEAD
+    )
+    for col in ("site", "attack AUC", "members", "non-members", "train loss", "held-out loss", "ε"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for r in rows:
+        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        table.add_row(
+            r["site"],
+            f"{r['attack_auc']:.3f}",
+            str(r["members"]),
+            str(r["non_members"]),
+            f"{r['train_loss']:.3f}",
+            f"{r['heldout_loss']:.3f}",
+            eps,
+        )
+    out.print(table)
+
+
 @app.command()
 @cli_errors
 def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file.")]) -> None:

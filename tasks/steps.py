@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 
 from ledger.entry import Action, Event, Outcome
 from ledger.store import Ledger
@@ -223,7 +224,7 @@ def source_digest(site: SiteConfig) -> str:
     return h.hexdigest()
 
 
-def _model_for(rc: RoundContext, features: int):
+def model_for(rc: RoundContext, features: int) -> nn.Module:
     m = rc.fed.model
     return models.build(str(m.kind), features=features, hidden=m.hidden)
 
@@ -278,10 +279,9 @@ def noise_multiplier_for(rc: RoundContext, n_samples: int) -> float | None:
 # ---------------------------------------------------------------- site steps
 
 
-def preprocess(site: str, rc: RoundContext) -> DatasetRef:
-    start = time.perf_counter()
+def prepared_cache_path(rc: RoundContext, site: str) -> Path:
+    """Where the site keeps its prepared split: keyed by its raw inputs and prep settings."""
     cfg = rc.site(site)
-    paths = rc.site_paths(site)
     fed = rc.fed
     settings = {
         "kind": str(cfg.kind),
@@ -295,7 +295,15 @@ def preprocess(site: str, rc: RoundContext) -> DatasetRef:
     digest = hashlib.sha256(
         (source_digest(cfg) + json.dumps(settings, sort_keys=True)).encode()
     ).hexdigest()
-    cache = paths.cache / f"prepared-{digest[:32]}.npz"
+    return rc.site_paths(site).cache / f"prepared-{digest[:32]}.npz"
+
+
+def preprocess(site: str, rc: RoundContext) -> DatasetRef:
+    start = time.perf_counter()
+    cfg = rc.site(site)
+    paths = rc.site_paths(site)
+    fed = rc.fed
+    cache = prepared_cache_path(rc, site)
     cached = cache.exists()
     if cached:
         ds = ingest.load_prepared(cache)
@@ -420,7 +428,7 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
                 epsilon=spent,
             )
     ds = ingest.load_prepared(data.path)
-    model = models.load_flat(_model_for(rc, data.features), base)
+    model = models.load_flat(model_for(rc, data.features), base)
     outcome = train_local(
         model,
         ds.x_train,
@@ -725,7 +733,7 @@ def evaluate(site: str, rc: RoundContext, data: DatasetRef, aggregate: Aggregate
     save_array(paths.global_model(rc.job, rc.round), new_global)
     version = model_hash(new_global)
     ds = ingest.load_prepared(data.path)
-    model = models.load_flat(_model_for(rc, data.features), new_global)
+    model = models.load_flat(model_for(rc, data.features), new_global)
     m = metrics(predict(model, ds.x_test), ds.y_test)
     rc.ledger().append(
         Event(
