@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from torch import nn
 
 from ledger.entry import Action, Event, Outcome
@@ -45,6 +46,14 @@ from tasks.keyring import (
 from tasks.train import TrainSettings, train_local
 
 log = logging.getLogger("medfed.steps")
+
+
+def step_log() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task (shown on the console and in the UI), else ours."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,6 +339,16 @@ def preprocess(site: str, rc: RoundContext) -> DatasetRef:
             )
         paths.cache.mkdir(parents=True, exist_ok=True)
         ingest.save_prepared(ds, cache)
+    step_log().info(
+        "site %s: %s %d training and %d held-out %s (%d + %d patients)",
+        site,
+        "reused the prepared split:" if cached else "prepared",
+        len(ds.y_train),
+        len(ds.y_test),
+        "images" if cfg.kind == SiteKind.DICOM else "rows",
+        ds.n_patients_train,
+        ds.n_patients_test,
+    )
     ref = DatasetRef(
         site=site,
         path=cache,
@@ -427,6 +446,16 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
                 reason=reason,
                 epsilon=spent,
             )
+    step_log().info(
+        "site %s: training round %d on %d samples for %d epoch(s)%s",
+        site,
+        rc.round,
+        data.n_train,
+        rc.fed.local_epochs,
+        f", DP-SGD noise {noise:.3f}, epsilon after it {epsilon_after:.2f} of {dp.epsilon_budget:g}"
+        if noise is not None
+        else " without DP",
+    )
     ds = ingest.load_prepared(data.path)
     model = models.load_flat(model_for(rc, data.features), base)
     outcome = train_local(
