@@ -43,7 +43,9 @@ def epsilon(history: Sequence[Release], *, delta: float, accountant: str) -> flo
         return 0.0
     acc = _accountant(accountant)
     acc.history = [(nm, q, steps) for (nm, q), steps in merged(history).items()]
-    return float(acc.get_epsilon(delta=delta))
+    # PRV evaluates log(1 - q) inside np.where, which warns (harmlessly) at sample rate 1.
+    with np.errstate(divide="ignore"):
+        return float(acc.get_epsilon(delta=delta))
 
 
 def merged(history: Sequence[Release]) -> dict[tuple[float, float], int]:
@@ -76,6 +78,15 @@ def planned_release(
     return Release(
         noise_multiplier=noise_multiplier, sample_rate=1 / batches, steps=epochs * batches
     )
+
+
+def site_level_release(update_noise_multiplier: float) -> Release | None:
+    """The optional Gaussian noise on a site's clipped update (std = z * clip norm), as a
+    patient-level release. One patient can move the clipped update anywhere within the clip
+    ball, so its sensitivity is twice the clip norm: account it at noise multiplier z / 2."""
+    if update_noise_multiplier <= 0:
+        return None
+    return Release(noise_multiplier=update_noise_multiplier / 2, sample_rate=1.0, steps=1)
 
 
 def calibrate_noise(

@@ -257,9 +257,9 @@ def global_before(rc: RoundContext, site: str, features: int) -> np.ndarray:
 def release_history(ledger: Ledger, site: str) -> list[privacy.Release]:
     """Every DP release the site has made, in any job, read from the ledger."""
     history = []
-    for ev in ledger.events(site=site, action=str(Action.TRAIN)):
+    for ev in ledger.events(site=site):
         release = (ev.get("privacy") or {}).get("release")
-        if ev.get("actor") == site and release:
+        if ev.get("actor") == site and release and ev["outcome"] == str(Outcome.SUCCESS):
             history.append(privacy.Release(**release))
     return history
 
@@ -401,6 +401,7 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
     history = release_history(ledger, site)
     privacy_record = None
     epsilon_after = 0.0
+    planned = None
     if noise is not None:
         planned = privacy.planned_release(
             n_samples=data.n_train,
@@ -408,8 +409,10 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
             epochs=rc.fed.local_epochs,
             noise_multiplier=noise,
         )
+    this_round = [r for r in (planned, privacy.site_level_release(dp.update_noise_multiplier)) if r]
+    if this_round:
         epsilon_after = privacy.epsilon(
-            history + [planned], delta=dp.delta, accountant=str(dp.accountant)
+            history + this_round, delta=dp.delta, accountant=str(dp.accountant)
         )
         if epsilon_after > dp.epsilon_budget:
             spent = privacy.epsilon(history, delta=dp.delta, accountant=str(dp.accountant))
@@ -479,7 +482,12 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
             "epsilon_round": privacy.epsilon(
                 [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
             ),
-            "epsilon_cumulative": epsilon_after,
+            # After this release only; a site-level release, if any, follows in clip_and_noise.
+            "epsilon_cumulative": epsilon_after
+            if this_round == [planned]
+            else privacy.epsilon(
+                history + [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
+            ),
             "epsilon_budget": dp.epsilon_budget,
             "delta": dp.delta,
             "accountant": str(dp.accountant),
@@ -573,10 +581,23 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
         raise StepError(f"site {site}: the global model changed under round {rc.round}")
     clipped, norm = privacy.clip_update(local - base, max_norm=dp.update_clip_norm)
     noise_std = dp.update_noise_multiplier * dp.update_clip_norm
-    if noise_std > 0:
+    release = privacy.site_level_release(dp.update_noise_multiplier)
+    privacy_record = None
+    if release is not None:
         clipped = clipped + privacy.gaussian_noise(
             clipped.size, std=noise_std, secure=dp.secure_rng, seed=rc.fed.seed * 7919 + rc.round
         )
+        history = release_history(rc.ledger(), site) + [release]
+        privacy_record = {
+            "release": release.as_dict(),
+            "mechanism": "site-level Gaussian on the clipped update (sensitivity 2 x clip norm)",
+            "epsilon_cumulative": privacy.epsilon(
+                history, delta=dp.delta, accountant=str(dp.accountant)
+            ),
+            "epsilon_budget": dp.epsilon_budget,
+            "delta": dp.delta,
+            "accountant": str(dp.accountant),
+        }
     digest = save_array(path, clipped)
     rc.ledger().append(
         Event(
@@ -588,6 +609,7 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
             idempotency_key=rc.key(site, "clip_and_noise"),
             inputs={"local_model": trained.sha256, "global_model": trained.base_model},
             outputs={"update": digest},
+            privacy=privacy_record,
             details={
                 "norm_before": norm,
                 "clip_norm": dp.update_clip_norm,

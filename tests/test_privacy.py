@@ -108,3 +108,18 @@ def test_seeded_noise_is_reproducible_and_secure_noise_is_not():
     assert not np.array_equal(
         gaussian_noise(10, std=1, secure=True), gaussian_noise(10, std=1, secure=True)
     )
+
+
+def test_site_level_noise_is_accounted_at_half_the_multiplier():
+    from tasks.privacy import site_level_release
+
+    assert site_level_release(0.0) is None
+    r = site_level_release(4.0)
+    assert r == Release(noise_multiplier=2.0, sample_rate=1.0, steps=1)
+    # More noise, less epsilon; and it composes with DP-SGD releases.
+    assert epsilon([site_level_release(8.0)], delta=1e-5, accountant="rdp") < epsilon(
+        [r], delta=1e-5, accountant="rdp"
+    )
+    assert epsilon([R, r], delta=1e-5, accountant="prv") > epsilon(
+        [R], delta=1e-5, accountant="prv"
+    )
