@@ -24,6 +24,7 @@ import torch
 from flows.demo import prepare_demo
 from flows.round import Submit, federated_round, run_round
 from flows.training import enroll_federation, federated_training
+from ledger.bench import run as ledger_bench
 from ledger.store import Ledger
 from tasks import models, secure_agg
 from tasks.config import FederationConfig, load_config
@@ -103,7 +104,7 @@ def ckks_figures(fed: FederationConfig, *, million: int = 1_000_000) -> dict[str
     secret = secure_agg.create_secret_context(**params)
     public = secure_agg.public_context(secret)
     rng = np.random.default_rng(0)
-    n_model = models.flat_params(models.small_cnn()).size
+    n_model = models.flat_params(models.build(str(fed.model.kind), hidden=fed.model.hidden)).size
     model_blob = secure_agg.encrypt_update(public, rng.normal(0, 0.01, n_model).astype(np.float32))
     big = rng.normal(0, 0.01, million).astype(np.float32)
     start = time.perf_counter()
@@ -137,4 +138,5 @@ def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
         figures |= round_figures(config)
         figures |= dp_step_benchmark(image_size=fed.model.image_size, batch_size=fed.batch_size)
         figures |= ckks_figures(fed)
+        figures |= ledger_bench(root / "ledger-bench")
         return figures

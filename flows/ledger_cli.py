@@ -22,7 +22,9 @@ from rich.table import Table
 from flows.cli import Failure, cli_errors, out
 from ledger import LedgerError, VerificationError
 
-ledger_app = typer.Typer(no_args_is_help=True, help="Verify, prove, export and query the audit ledger.")
+ledger_app = typer.Typer(
+    no_args_is_help=True, help="Verify, prove, export and query the audit ledger."
+)
 checkpoint_app = typer.Typer(help="Sign a checkpoint of the ledger now, or verify one.")
 ledger_app.add_typer(checkpoint_app, name="checkpoint")
 

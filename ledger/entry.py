@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-import rfc8785
-
-from ledger import VerificationError
+from ledger import VerificationError, jcs
 from ledger import keys as _keys
 
-SCHEMA_VERSION = 1
+# v2 adds `recipient` and `commitments` (salted commitments to erasable personal fields).
+SCHEMA_VERSION = 2
 LEAF_PREFIX = b"\x00"
 # The chain starts from 32 zero bytes.
 GENESIS_HASH = bytes(32)
+SALT_SIZE = 32
+COMMITMENT_DOMAIN = b"medfed/commitment/v1\x00"
 
 
 class Action(StrEnum):
@@ -40,6 +44,8 @@ class Action(StrEnum):
     EVALUATE = "evaluate"
     COMMIT_ROUND = "commit_round"
     JOB_END = "job_end"
+    ERASE = "erase"
+    DISCLOSE = "disclose"
 
 
 class Outcome(StrEnum):
@@ -65,6 +71,29 @@ class Event:
     outputs: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Who received data or a derived artifact (an accounting of disclosures reads it).
+    recipient: str | None = None
+    # Erasable personal-data fields (name -> text), e.g. a subject pseudonym or free text. The
+    # signed body holds only a salted commitment to each; the text and salt live apart and
+    # `Ledger.erase(subject)` destroys them (GDPR Art. 17) without breaking any proof.
+    personal: dict[str, str] = field(default_factory=dict)
+    subject: str | None = None  # whose personal data `personal` is; required with it
+
+    def __post_init__(self) -> None:
+        if self.personal and not self.subject:
+            raise ValueError("an event with personal fields must name their subject")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.personal.items()):
+            raise ValueError("personal fields are text")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Payload:
+    """One erasable field: its text and the salt its commitment was made with."""
+
+    field: str
+    subject: str
+    salt: bytes
+    value: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +104,7 @@ class SealedEntry:
     body: bytes
     entry_hash: bytes
     signature: bytes
+    payloads: tuple[Payload, ...] = ()
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -89,7 +119,23 @@ def leaf_hash(body: bytes) -> bytes:
     return hashlib.sha256(LEAF_PREFIX + body).digest()
 
 
-def canonical_body(event: Event, *, seq: int, prev_hash: bytes, key_id: bytes, recorded: str) -> bytes:
+def commitment(salt: bytes, name: str, value: str) -> bytes:
+    """HMAC-SHA256 keyed by a random salt: hiding once the salt is gone, binding while it lives."""
+    if len(salt) != SALT_SIZE:
+        raise ValueError(f"salt must be {SALT_SIZE} bytes")
+    message = COMMITMENT_DOMAIN + name.encode() + b"\x00" + value.encode()
+    return hmac.new(salt, message, hashlib.sha256).digest()
+
+
+def canonical_body(
+    event: Event,
+    *,
+    seq: int,
+    prev_hash: bytes,
+    key_id: bytes,
+    recorded: str,
+    commitments: Mapping[str, bytes] | None = None,
+) -> bytes:
     if seq < 0:
         raise ValueError("seq must be non-negative")
     if len(prev_hash) != 32:
@@ -113,8 +159,10 @@ def canonical_body(event: Event, *, seq: int, prev_hash: bytes, key_id: bytes, r
         "outputs": event.outputs,
         "privacy": event.privacy,
         "details": event.details,
+        "recipient": event.recipient,
+        "commitments": {k: v.hex() for k, v in sorted((commitments or {}).items())},
     }
-    return rfc8785.dumps(body)
+    return jcs.dumps(body)
 
 
 def seal(
@@ -124,13 +172,35 @@ def seal(
     seq: int,
     prev_hash: bytes,
     recorded: str | None = None,
+    salts: Mapping[str, bytes] | None = None,
 ) -> SealedEntry:
+    """Canonicalize, chain, commit and sign. `salts` (field -> 32 bytes) is for tests only."""
     if signer.name != event.actor:
         raise ValueError(f"event actor {event.actor!r} is not the signer {signer.name!r}")
-    body = canonical_body(
-        event, seq=seq, prev_hash=prev_hash, key_id=signer.key_id, recorded=recorded or utc_now()
+    payloads = tuple(
+        Payload(
+            field=name,
+            subject=event.subject or "",
+            salt=(salts or {}).get(name) or secrets.token_bytes(SALT_SIZE),
+            value=value,
+        )
+        for name, value in sorted(event.personal.items())
     )
-    return SealedEntry(seq=seq, body=body, entry_hash=leaf_hash(body), signature=signer.sign(body))
+    body = canonical_body(
+        event,
+        seq=seq,
+        prev_hash=prev_hash,
+        key_id=signer.key_id,
+        recorded=recorded or utc_now(),
+        commitments={p.field: commitment(p.salt, p.field, p.value) for p in payloads},
+    )
+    return SealedEntry(
+        seq=seq,
+        body=body,
+        entry_hash=leaf_hash(body),
+        signature=signer.sign(body),
+        payloads=payloads,
+    )
 
 
 def check(entry: SealedEntry, *, prev_hash: bytes, public_key: bytes) -> dict[str, Any]:
@@ -139,7 +209,7 @@ def check(entry: SealedEntry, *, prev_hash: bytes, public_key: bytes) -> dict[st
         fields = json.loads(entry.body)
     except ValueError as exc:
         raise VerificationError("body is not JSON") from exc
-    if rfc8785.dumps(fields) != entry.body:
+    if jcs.dumps(fields) != entry.body:
         raise VerificationError("body is not in canonical form")
     if fields.get("seq") != entry.seq:
         raise VerificationError(f"body says seq {fields.get('seq')}, stored at {entry.seq}")

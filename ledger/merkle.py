@@ -283,3 +283,34 @@ def _check_leaf_hashes(leaf_hashes: Sequence[bytes]) -> None:
         raise LedgerError("too many leaves")
     if not set(map(len, leaf_hashes)) <= {HASH_SIZE}:
         raise LedgerError(f"every leaf hash must be {HASH_SIZE} bytes")
+
+
+def prefix_roots(leaf_hashes: Sequence[bytes], sizes: Sequence[int]) -> list[bytes]:
+    """The root of each prefix `leaf_hashes[:size]`, building the tree once: O(n + k log n).
+
+    A prefix of size m is the left-to-right sequence of perfect subtrees given by m's binary
+    digits; each is a node of the full tree's levels, and the root folds them right to left.
+    """
+    _check_leaf_hashes(leaf_hashes)
+    n = len(leaf_hashes)
+    for size in sizes:
+        if not _is_uint(size) or size > n:
+            raise LedgerError(f"prefix size {size!r} is outside a tree of size {n}")
+    if not any(sizes):
+        return [empty_root() for _ in sizes]
+    levels = list(_levels(leaf_hashes))
+    roots = []
+    for size in sizes:
+        if size == 0:
+            roots.append(empty_root())
+            continue
+        nodes, start = [], 0
+        for level in range(size.bit_length() - 1, -1, -1):
+            if size >> level & 1:
+                nodes.append(levels[level][start >> level])
+                start += 1 << level
+        acc = bytes(nodes[-1])
+        for node in reversed(nodes[:-1]):
+            acc = _hash_children(node, acc)
+        roots.append(acc)
+    return roots

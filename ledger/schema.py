@@ -32,12 +32,38 @@ class ActorRow(SQLModel, table=True):
 
 
 class CheckpointRow(SQLModel, table=True):
+    """Signed checkpoints, each proven consistent with the one before it when it was made."""
+
     __tablename__ = "ledger_checkpoint"
 
     size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     root_hash: str  # hex
     note: str  # C2SP signed note
     recorded: str
+    consistency_proof: str = "[]"  # JSON list of hex hashes, from the previous checkpoint
+
+
+class LogRow(SQLModel, table=True):
+    """The log's identity: its checkpoint origin and verifier key. Verifiers may pin their own."""
+
+    __tablename__ = "ledger_log"
+
+    origin: str = Field(primary_key=True)
+    vkey: str  # C2SP verifier key: name+hexkeyid+base64(0x01||pubkey)
+
+
+class PayloadRow(SQLModel, table=True):
+    """Erasable personal-data fields; an entry's body holds only HMAC(salt, field, value).
+
+    Erasure deletes the row (salt and value); the commitment in the signed body stays."""
+
+    __tablename__ = "ledger_payload"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    field: str = Field(primary_key=True)
+    subject: str = Field(index=True)
+    salt: str  # hex
+    value: str
 
 
 # The columns verify compares against each entry's signed body.

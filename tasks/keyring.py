@@ -17,6 +17,7 @@ from tasks import StepError
 from tasks.secure_agg import create_secret_context, public_context
 
 COORDINATOR = "coordinator"
+LOG_KEY_NAME = "medfed-log"
 PSEUDONYM_SECRET_BYTES = 32
 
 
@@ -63,6 +64,11 @@ class CoordinatorPaths:
         return self.root / "keys" / "identity.pem"
 
     @property
+    def log_key(self) -> Path:
+        """The ledger log's key: signs the C2SP checkpoint published at every round commit."""
+        return self.root / "keys" / "log.pem"
+
+    @property
     def ckks_public(self) -> Path:
         return self.root / "keys" / "ckks.public"
 
@@ -76,6 +82,10 @@ def site_identity(name: str, paths: SitePaths) -> keys.Identity:
 
 def coordinator_identity(paths: CoordinatorPaths) -> keys.Identity:
     return keys.load(COORDINATOR, paths.identity)
+
+
+def log_identity(paths: CoordinatorPaths) -> keys.Identity:
+    return keys.load(LOG_KEY_NAME, paths.log_key)
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -104,6 +114,7 @@ def enroll(
     risk in the README's threat model); the coordinator receives only its public half.
     """
     coord = keys.load_or_create(COORDINATOR, coordinator.identity)
+    keys.load_or_create(LOG_KEY_NAME, coordinator.log_key)
     secret_ctx = next(
         (p.ckks_secret.read_bytes() for _, p in sites if p.ckks_secret.exists()), None
     )

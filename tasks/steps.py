@@ -39,6 +39,7 @@ from tasks.keyring import (
     CoordinatorPaths,
     SitePaths,
     coordinator_identity,
+    log_identity,
     read_public_key,
     read_secret,
     site_identity,
@@ -692,6 +693,7 @@ def upload(site: str, rc: RoundContext, encrypted: CipherRef) -> UploadRef:
             round=rc.round,
             site=site,
             idempotency_key=rc.key(site, "upload"),
+            recipient=COORDINATOR,
             inputs={"ciphertext": encrypted.sha256},
             outputs={"artifact": ref.sha256},
             details={"uri": ref.uri, "bytes": ref.size, "samples": encrypted.n_samples},
@@ -820,7 +822,8 @@ def commit_round(
         )
     version = versions.pop()
     total = sum(e.n for e in evals)
-    rc.ledger().append(
+    ledger = rc.ledger()
+    ledger.append(
         Event(
             actor=COORDINATOR,
             action=Action.COMMIT_ROUND,
@@ -838,6 +841,8 @@ def commit_round(
         ),
         coordinator_identity(rc.coordinator),
     )
+    # Publish a signed checkpoint of the whole log, proven consistent with the previous one.
+    ledger.checkpoint(log_identity(rc.coordinator), origin=f"medfed.local/{rc.fed.name}")
     return version
 
 

@@ -66,7 +66,10 @@ def test_appends_chain_register_keys_and_verify(ledger_url):
     assert report.entries == 14 == ledger.size()
     assert report.actors == ("coordinator", "site-a")
     bodies = ledger.events()
-    assert bodies[0]["action"] == "register_key" and bodies[0]["details"]["public_key"] == SITE.public_key.hex()
+    assert (
+        bodies[0]["action"] == "register_key"
+        and bodies[0]["details"]["public_key"] == SITE.public_key.hex()
+    )
     assert [b["seq"] for b in bodies] == list(range(14))
     assert all(bodies[i + 1]["prev"] != bodies[i]["prev"] for i in range(13))
 
@@ -104,8 +107,15 @@ def test_tampering_is_detected_and_names_the_first_bad_entry(ledger_url, name):
     row = next(r for r in ledger.rows() if r.seq == seq)
     sig = bytearray(base64.b64decode(row.signature))
     sig[0] ^= 1
-    execute(ledger, sql, s=seq, sig=base64.b64encode(bytes(sig)).decode(), h="00" * 32,
-            old='"samples":10', new='"samples":90')
+    execute(
+        ledger,
+        sql,
+        s=seq,
+        sig=base64.b64encode(bytes(sig)).decode(),
+        h="00" * 32,
+        old='"samples":10',
+        new='"samples":90',
+    )
     with pytest.raises(EntryError) as info:
         verify_ledger(ledger_url)
     assert info.value.seq == seq
@@ -128,11 +138,19 @@ def test_inserted_forged_entry_is_detected(ledger_url):
     row = next(r for r in ledger.rows() if r.seq == 3)
     execute(
         ledger,
-        "INSERT INTO ledger_entry (seq, idempotency_key, actor, action, job, round, site, recorded,"
-        " body, entry_hash, signature) VALUES (:seq, 'forged', :actor, :action, :job, :round, :site,"
-        " :recorded, :body, :entry_hash, :signature)",
-        seq=14, actor=row.actor, action=row.action, job=row.job, round=row.round, site=row.site,
-        recorded=row.recorded, body=row.body, entry_hash=row.entry_hash, signature=row.signature,
+        "INSERT INTO ledger_entry (seq, idempotency_key, actor, action, job, round, site,"
+        " recorded, body, entry_hash, signature) VALUES (:seq, 'forged', :actor, :action, :job,"
+        " :round, :site, :recorded, :body, :entry_hash, :signature)",
+        seq=14,
+        actor=row.actor,
+        action=row.action,
+        job=row.job,
+        round=row.round,
+        site=row.site,
+        recorded=row.recorded,
+        body=row.body,
+        entry_hash=row.entry_hash,
+        signature=row.signature,
     )
     with pytest.raises(EntryError) as info:
         verify_ledger(ledger_url)
