@@ -14,7 +14,14 @@ from flows.round import RoundSummary, federated_round
 from ledger.entry import Action, Event
 from ledger.store import Ledger
 from tasks.config import FederationConfig, load_config
-from tasks.keyring import COORDINATOR, CoordinatorPaths, SitePaths, coordinator_identity, enroll
+from tasks.keyring import (
+    COORDINATOR,
+    CoordinatorPaths,
+    SitePaths,
+    coordinator_identity,
+    enroll,
+    log_identity,
+)
 
 # The CLI listens here to print one table per round; flows never print.
 report_log = logging.getLogger("medfed.report")
@@ -64,7 +71,8 @@ def federated_training(config_path: str, job: str | None = None) -> list[RoundSu
     job = _job_for_this_run(config_path, job)
     enroll_federation(fed)
     ledger = Ledger(fed.ledger_url)
-    coordinator = coordinator_identity(CoordinatorPaths(root=fed.coordinator_root))
+    coordinator_paths = CoordinatorPaths(root=fed.coordinator_root)
+    coordinator = coordinator_identity(coordinator_paths)
     ledger.append(
         Event(
             actor=COORDINATOR,
@@ -105,4 +113,5 @@ def federated_training(config_path: str, job: str | None = None) -> list[RoundSu
         ),
         coordinator,
     )
+    ledger.checkpoint(log_identity(coordinator_paths), origin=f"medfed.local/{fed.name}")
     return summaries

@@ -62,15 +62,29 @@ def events(
         hashes = {**b.get("inputs", {}), **b.get("outputs", {})}
         if entity and not any(h.startswith(entity.lower()) for h in hashes.values()):
             continue
-        out.append({
-            "seq": b["seq"], "recorded": b.get("recorded"), "actor": b.get("actor"),
-            "action": b.get("action"), "outcome": b.get("outcome"), "job": b.get("job"),
-            "round": b.get("round"), "site": b.get("site"), "purpose": b.get("purpose"),
-            "legal_basis": b.get("legal_basis"),
-            "inputs": " ".join(f"{k}={v[:12]}" for k, v in sorted(b.get("inputs", {}).items())),
-            "outputs": " ".join(f"{k}={v[:12]}" for k, v in sorted(b.get("outputs", {}).items())),
-        })
+        out.append(
+            {
+                "seq": b["seq"],
+                "recorded": b.get("recorded"),
+                "actor": b.get("actor"),
+                "action": b.get("action"),
+                "outcome": b.get("outcome"),
+                "job": b.get("job"),
+                "round": b.get("round"),
+                "site": b.get("site"),
+                "purpose": b.get("purpose"),
+                "legal_basis": b.get("legal_basis"),
+                "inputs": " ".join(f"{k}={v[:12]}" for k, v in sorted(b.get("inputs", {}).items())),
+                "outputs": " ".join(
+                    f"{k}={v[:12]}" for k, v in sorted(b.get("outputs", {}).items())
+                ),
+            }
+        )
     return out
+
+
+# What a site's epsilon is once it has trained even one round without DP.
+UNBOUNDED = "unbounded (trained without DP)"
 
 
 def spend(
@@ -91,15 +105,25 @@ def spend(
             cumulative = p.get("epsilon_spent", 0.0)
             this_round = 0.0
         budget = p.get("epsilon_budget")
-        out.append({
-            "recorded": b.get("recorded"), "site": b.get("site"), "job": b.get("job"),
-            "round": b.get("round"), "action": b["action"], "dataset": b.get("inputs", {}).get(
-                "dataset", ""), "epsilon_round": this_round, "epsilon_cumulative": cumulative,
-            "epsilon_budget": budget,
-            "budget_remaining": None if budget is None else max(budget - cumulative, 0.0),
-            "delta": p.get("delta"), "accountant": p.get("accountant"), "dp": bool(p),
-            "seq": b["seq"],
-        })
+        out.append(
+            {
+                "recorded": b.get("recorded"),
+                "site": b.get("site"),
+                "job": b.get("job"),
+                "round": b.get("round"),
+                "action": b["action"],
+                "dataset": b.get("inputs", {}).get("dataset", ""),
+                "epsilon_round": this_round,
+                "epsilon_cumulative": cumulative,
+                "epsilon_budget": budget,
+                "budget_remaining": None if budget is None else max(budget - cumulative, 0.0),
+                "delta": p.get("delta"),
+                "accountant": p.get("accountant"),
+                # A train entry without a DP release trained without DP: its epsilon is unbounded.
+                "dp": b["action"] != Action.TRAIN or bool(p.get("release")),
+                "seq": b["seq"],
+            }
+        )
     return out
 
 
@@ -107,19 +131,37 @@ def spend_summary(ledger: Ledger, *, site: str | None = None) -> list[dict[str, 
     """Per site: latest cumulative epsilon, budget, remaining, rounds trained, refusals."""
     sites: dict[str, dict[str, Any]] = {}
     for r in spend(ledger, site=site):
-        s = sites.setdefault(r["site"], {"site": r["site"], "epsilon_cumulative": 0.0,
-                                         "epsilon_budget": None, "budget_remaining": None,
-                                         "rounds_trained": 0, "refusals": 0, "datasets": set(),
-                                         "jobs": set(), "last": None})
+        s = sites.setdefault(
+            r["site"],
+            {
+                "site": r["site"],
+                "epsilon_cumulative": 0.0,
+                "epsilon_budget": None,
+                "budget_remaining": None,
+                "rounds_trained": 0,
+                "rounds_without_dp": 0,
+                "refusals": 0,
+                "accountant": None,
+                "datasets": set(),
+                "jobs": set(),
+                "last": None,
+            },
+        )
+        s["rounds_without_dp"] += not r["dp"]
+        s["accountant"] = r["accountant"] or s["accountant"]
         s["epsilon_cumulative"] = max(s["epsilon_cumulative"], r["epsilon_cumulative"] or 0.0)
-        s["epsilon_budget"] = r["epsilon_budget"] if r["epsilon_budget"] is not None else s[
-            "epsilon_budget"]
+        s["epsilon_budget"] = (
+            r["epsilon_budget"] if r["epsilon_budget"] is not None else s["epsilon_budget"]
+        )
         s["rounds_trained" if r["action"] == Action.TRAIN else "refusals"] += 1
         s["datasets"].add(r["dataset"][:16])
         s["jobs"].add(r["job"])
         s["last"] = r["recorded"]
     for s in sites.values():
-        if s["epsilon_budget"] is not None:
+        if s["rounds_without_dp"]:
+            s["epsilon_cumulative"] = UNBOUNDED
+            s["budget_remaining"] = 0.0
+        elif s["epsilon_budget"] is not None:
             s["budget_remaining"] = max(s["epsilon_budget"] - s["epsilon_cumulative"], 0.0)
         s["datasets"] = " ".join(sorted(s["datasets"]))
         s["jobs"] = " ".join(sorted(s["jobs"]))
@@ -132,15 +174,29 @@ def data_use(ledger: Ledger, *, site: str | None = None) -> list[dict[str, Any]]
     for b in _bodies(ledger):
         if site and b.get("site") != site or not b.get("site"):
             continue
-        dataset = b.get("outputs", {}).get("dataset") if b.get("action") == Action.PREPROCESS \
+        dataset = (
+            b.get("outputs", {}).get("dataset")
+            if b.get("action") == Action.PREPROCESS
             else b.get("inputs", {}).get("dataset")
+        )
         if not dataset:
             continue
-        u = uses.setdefault((b["site"], dataset), {
-            "site": b["site"], "dataset": dataset, "patients_train": None,
-            "patients_heldout": None, "images_train": None, "images_heldout": None,
-            "jobs": set(), "rounds_trained": set(), "purposes": set(), "legal_bases": set(),
-            "first_used": b.get("recorded")})
+        u = uses.setdefault(
+            (b["site"], dataset),
+            {
+                "site": b["site"],
+                "dataset": dataset,
+                "patients_train": None,
+                "patients_heldout": None,
+                "images_train": None,
+                "images_heldout": None,
+                "jobs": set(),
+                "rounds_trained": set(),
+                "purposes": set(),
+                "legal_bases": set(),
+                "first_used": b.get("recorded"),
+            },
+        )
         if b["action"] == Action.PREPROCESS:
             d = b.get("details", {})
             u["patients_train"] = d.get("patients_train")
@@ -162,8 +218,11 @@ def lineage(ledger: Ledger, model: str) -> list[dict[str, Any]]:
     """A global model version back through its rounds to site updates and datasets."""
     bodies = list(_bodies(ledger))
     commits = [b for b in bodies if b.get("action") == Action.COMMIT_ROUND]
-    matches = {b["outputs"]["global_model"] for b in commits
-               if b.get("outputs", {}).get("global_model", "").startswith(model.lower())}
+    matches = {
+        b["outputs"]["global_model"]
+        for b in commits
+        if b.get("outputs", {}).get("global_model", "").startswith(model.lower())
+    }
     if not matches:
         raise LedgerError(f"no committed round produced a model whose hash starts with {model!r}")
     if len(matches) > 1:
@@ -179,36 +238,72 @@ def lineage(ledger: Ledger, model: str) -> list[dict[str, Any]]:
         seen.add(target)
         commit = next((b for b in commits if b["outputs"].get("global_model") == target), None)
         if commit is None:
-            out.append({"kind": "initial model", "job": "", "round": 0, "site": "",
-                        "hash": target, "detail": "no round in this ledger produced it",
-                        "seq": None})
+            out.append(
+                {
+                    "kind": "initial model",
+                    "job": "",
+                    "round": 0,
+                    "site": "",
+                    "hash": target,
+                    "detail": "no round in this ledger produced it",
+                    "seq": None,
+                }
+            )
             break
         job, r = commit["job"], commit["round"]
         d = commit.get("details", {})
-        out.append({"kind": "global model", "job": job, "round": r, "site": "", "hash": target,
-                    "detail": f"participants {', '.join(d.get('participants', []))}; "
-                              f"weighted AUC {d.get('weighted_auc', float('nan')):.3f}",
-                    "seq": commit["seq"]})
+        out.append(
+            {
+                "kind": "global model",
+                "job": job,
+                "round": r,
+                "site": "",
+                "hash": target,
+                "detail": f"participants {', '.join(d.get('participants', []))}; "
+                f"weighted AUC {d.get('weighted_auc', float('nan')):.3f}",
+                "seq": commit["seq"],
+            }
+        )
         base = None
         for b in by_round.get((job, r), []):
             if b.get("action") == Action.SECURE_AGGREGATE:
-                out.append({"kind": "aggregate", "job": job, "round": r, "site": "",
-                            "hash": b["outputs"].get("aggregate", ""),
-                            "detail": "weights " + json.dumps(b.get("details", {}).get("weights")),
-                            "seq": b["seq"]})
+                out.append(
+                    {
+                        "kind": "aggregate",
+                        "job": job,
+                        "round": r,
+                        "site": "",
+                        "hash": b["outputs"].get("aggregate", ""),
+                        "detail": "weights " + json.dumps(b.get("details", {}).get("weights")),
+                        "seq": b["seq"],
+                    }
+                )
             elif b.get("action") == Action.UPLOAD:
-                out.append({"kind": "site update", "job": job, "round": r, "site": b.get("site"),
-                            "hash": b["outputs"].get("artifact", ""),
-                            "detail": f"{b.get('details', {}).get('samples')} samples, encrypted",
-                            "seq": b["seq"]})
+                out.append(
+                    {
+                        "kind": "site update",
+                        "job": job,
+                        "round": r,
+                        "site": b.get("site"),
+                        "hash": b["outputs"].get("artifact", ""),
+                        "detail": f"{b.get('details', {}).get('samples')} samples, encrypted",
+                        "seq": b["seq"],
+                    }
+                )
             elif b.get("action") in (Action.TRAIN, Action.REFUSE):
                 p = b.get("privacy") or {}
                 eps = p.get("epsilon_cumulative", p.get("epsilon_spent"))
-                out.append({"kind": "dataset" if b["action"] == Action.TRAIN else "refused",
-                            "job": job, "round": r, "site": b.get("site"),
-                            "hash": b.get("inputs", {}).get("dataset", ""),
-                            "detail": f"epsilon cumulative {eps}" if eps is not None else "no DP",
-                            "seq": b["seq"]})
+                out.append(
+                    {
+                        "kind": "dataset" if b["action"] == Action.TRAIN else "refused",
+                        "job": job,
+                        "round": r,
+                        "site": b.get("site"),
+                        "hash": b.get("inputs", {}).get("dataset", ""),
+                        "detail": f"epsilon cumulative {eps}" if eps is not None else "no DP",
+                        "seq": b["seq"],
+                    }
+                )
                 base = base or b.get("inputs", {}).get("global_model")
         target = base
     return out
@@ -228,24 +323,35 @@ def disclosures(
         if b.get("recipient"):
             recipient = b["recipient"]
             description = d.get("description") or f"{action}: " + ", ".join(
-                f"{k} {v[:12]}" for k, v in sorted(b.get("outputs", {}).items()))
+                f"{k} {v[:12]}" for k, v in sorted(b.get("outputs", {}).items())
+            )
         elif action == Action.UPLOAD:
             recipient = "coordinator (artifact store)"
-            description = (f"CKKS-encrypted, clipped and noised model update "
-                           f"{b['outputs'].get('artifact', '')[:12]} from {d.get('samples')} "
-                           f"training images; {d.get('bytes')} bytes")
+            description = (
+                f"CKKS-encrypted, clipped and noised model update "
+                f"{b['outputs'].get('artifact', '')[:12]} from {d.get('samples')} "
+                f"training images; {d.get('bytes')} bytes"
+            )
         elif action == Action.EVALUATE:
             recipient = "coordinator and federation"
-            description = (f"held-out metrics (AUC {d.get('auc', float('nan')):.3f}, "
-                           f"n={d.get('heldout')}) of model "
-                           f"{b.get('outputs', {}).get('global_model', '')[:12]}")
+            description = (
+                f"held-out metrics (AUC {d.get('auc', float('nan')):.3f}, "
+                f"n={d.get('heldout')}) of model "
+                f"{b.get('outputs', {}).get('global_model', '')[:12]}"
+            )
         else:
             continue
-        out.append({
-            "date": b.get("recorded"), "site": b.get("site") or b.get("actor"),
-            "recipient": recipient, "description": description,
-            "purpose": PURPOSES.get(b.get("purpose", ""), b.get("purpose")),
-            "legal_basis": b.get("legal_basis"), "job": b.get("job"), "round": b.get("round"),
-            "seq": b["seq"],
-        })
+        out.append(
+            {
+                "date": b.get("recorded"),
+                "site": b.get("site") or b.get("actor"),
+                "recipient": recipient,
+                "description": description,
+                "purpose": PURPOSES.get(b.get("purpose", ""), b.get("purpose")),
+                "legal_basis": b.get("legal_basis"),
+                "job": b.get("job"),
+                "round": b.get("round"),
+                "seq": b["seq"],
+            }
+        )
     return out

@@ -11,6 +11,8 @@ parameters: they are identical at every site by construction and never leave it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,7 +80,9 @@ class ScatterFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels:
-            raise StepError(f"ScatterFeatures expects (N, {self.channels}, H, W), got {tuple(x.shape)}")
+            raise StepError(
+                f"ScatterFeatures expects (N, {self.channels}, H, W), got {tuple(x.shape)}"
+            )
         pooled = []
         pad = self.weight.shape[-1] // 2
         for level in range(self.levels):
@@ -92,25 +96,93 @@ class ScatterFeatures(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
-def scatter_net(*, channels: int = 1, levels: int = PYRAMID_LEVELS, hidden: int = 0) -> nn.Sequential:
-    """Fixed scattering-like front-end, per-sample GroupNorm, and a trainable head: linear
+REFERENCE_IMAGES = 256  # random textures the features are centred on; no patient data
+REFERENCE_SEED = 0
+
+
+def reference_images(*, channels: int, height: int, width: int) -> np.ndarray:
+    """A fixed set of random textured images (smooth Gaussian fields of random correlation
+    length plus white noise, each min-max scaled to [0, 1] like ingested images). Pure
+    function of its arguments: the same at every site, and built from no data at all."""
+    rng = np.random.default_rng(REFERENCE_SEED)
+    fy, fx = np.fft.fftfreq(height), np.fft.fftfreq(width)
+    r2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    out = np.empty((REFERENCE_IMAGES, channels, height, width), dtype=np.float32)
+    for i in range(REFERENCE_IMAGES):
+        for c in range(channels):
+            cutoff = rng.uniform(0.02, 0.2)
+            spectrum = np.fft.fft2(rng.standard_normal((height, width))) * np.exp(
+                -r2 / (2 * cutoff**2)
+            )
+            field = np.fft.ifft2(spectrum).real
+            img = field / (field.std() + 1e-12) * rng.uniform(0.2, 2.0)
+            img += rng.standard_normal((height, width)) * rng.uniform(0.2, 2.0)
+            out[i, c] = (img - img.min()) / (img.max() - img.min())
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_mean(channels: int, levels: int, height: int, width: int) -> torch.Tensor:
+    front = ScatterFrontEnd(channels=channels, levels=levels, centre=False)
+    with torch.no_grad():
+        feats = front(
+            torch.as_tensor(reference_images(channels=channels, height=height, width=width))
+        )
+    return feats.mean(dim=0)
+
+
+class ScatterFrontEnd(nn.Module):
+    """The fixed front-end: `ScatterFeatures`, a per-sample GroupNorm (one group per pooled
+    filter set; puts every image on one scale), then centring on the mean feature vector of
+    `reference_images` of the input's size. Without centring the features share a large
+    common offset (rectified, pooled responses are positive) that makes the linear head's
+    loss ill-conditioned (curvature ~90 along the offset, <1 elsewhere) and DP-SGD crawl.
+    No parameters, no data-dependent statistics."""
+
+    def __init__(
+        self, *, channels: int = 1, levels: int = PYRAMID_LEVELS, centre: bool = True
+    ) -> None:
+        super().__init__()
+        self.features = ScatterFeatures(channels=channels, levels=levels)
+        self.norm = nn.GroupNorm(4 * levels, self.features.out_features, affine=False)
+        self.centre = centre
+
+    @property
+    def out_features(self) -> int:
+        return self.features.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.features(x))
+        if self.centre:
+            ref = _reference_mean(
+                self.features.channels, self.features.levels, x.shape[-2], x.shape[-1]
+            )
+            z = z - ref.to(device=z.device, dtype=z.dtype)
+        return z
+
+
+def scatter_net(
+    *, channels: int = 1, levels: int = PYRAMID_LEVELS, hidden: int = 0
+) -> nn.Sequential:
+    """Fixed scattering-like front-end (`ScatterFrontEnd`) and a trainable head: linear
     (`hidden = 0`, the DP default) or one hidden layer. Outputs one logit."""
-    front = ScatterFeatures(channels=channels, levels=levels)
-    features = front.out_features
-    # Per-sample normalisation over groups of features (one group per pooled filter set):
-    # data-independent, so it costs no privacy, and it puts every input on one scale.
-    norm = nn.GroupNorm(4 * levels, features, affine=False)
-    head: list[nn.Module] = [nn.Linear(features, 1)]
+    front = ScatterFrontEnd(channels=channels, levels=levels)
+    head: list[nn.Module] = [nn.Linear(front.out_features, 1)]
     if hidden > 0:
-        head = [nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1)]
-    return nn.Sequential(front, norm, *head)
+        head = [nn.Linear(front.out_features, hidden), nn.ReLU(), nn.Linear(hidden, 1)]
+    return nn.Sequential(front, *head)
 
 
 def small_cnn(*, channels: int = 1, width: int = 16) -> nn.Module:
     """A fully trainable GroupNorm CNN (for comparison; DP-SGD on it costs 2.5-4x plain SGD)."""
 
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU(), nn.MaxPool2d(2)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.GroupNorm(4, cout),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
 
     return nn.Sequential(
         *block(channels, width),
@@ -163,7 +235,14 @@ def frozen_prefix(model: nn.Module) -> int:
     0 for anything else."""
     if not isinstance(model, nn.Sequential):
         return 0
-    stateless = (ScatterFeatures, nn.GroupNorm, nn.Flatten, nn.ReLU, nn.AdaptiveAvgPool2d)
+    stateless = (
+        ScatterFrontEnd,
+        ScatterFeatures,
+        nn.GroupNorm,
+        nn.Flatten,
+        nn.ReLU,
+        nn.AdaptiveAvgPool2d,
+    )
     n = 0
     for module in model:
         if not isinstance(module, stateless) or any(True for _ in module.parameters()):
@@ -177,7 +256,13 @@ def n_params(model: nn.Module) -> int:
 
 
 def flat_params(model: nn.Module) -> np.ndarray:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
+    return (
+        torch.nn.utils.parameters_to_vector(model.parameters())
+        .detach()
+        .cpu()
+        .numpy()
+        .astype(np.float32)
+    )
 
 
 def load_flat(model: nn.Module, flat: np.ndarray) -> nn.Module:
@@ -185,6 +270,7 @@ def load_flat(model: nn.Module, flat: np.ndarray) -> nn.Module:
     if flat.shape != (n,):
         raise StepError(f"parameter vector has shape {flat.shape}, the model needs ({n},)")
     device = next(model.parameters()).device
-    torch.nn.utils.vector_to_parameters(torch.as_tensor(flat, dtype=torch.float32, device=device), model.parameters())
+    torch.nn.utils.vector_to_parameters(
+        torch.as_tensor(flat, dtype=torch.float32, device=device), model.parameters()
+    )
     return model
-

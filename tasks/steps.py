@@ -108,7 +108,7 @@ class TrainRef:
     base_model: str  # sha256 of the global model trained from
     path: Path | None = None
     sha256: str = ""
-    epsilon: float = 0.0  # cumulative, after this round (0 without DP)
+    epsilon: float = float("nan")  # cumulative after this round; NaN without DP
     reason: str = ""
     seconds: float = 0.0
 
@@ -398,14 +398,15 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
     dp = rc.fed.dp
     base = global_before(rc, site, data.features)
     base_hash = model_hash(base)
-    noise = noise_multiplier_for(rc, data.n_train)
+    noise = noise_multiplier_for(rc, data.patients_train)  # the patient is the DP unit
     history = release_history(ledger, site)
-    privacy_record = None
-    epsilon_after = 0.0
+    # Without DP the release has no epsilon bound; say so rather than record nothing.
+    privacy_record: dict | None = {"dp": False, "epsilon": "unbounded"}
+    epsilon_after = float("nan")  # stays NaN without any DP release: there is no epsilon
     planned = None
     if noise is not None:
         planned = privacy.planned_release(
-            n_samples=data.n_train,
+            n_samples=data.patients_train,
             batch_size=rc.fed.batch_size,
             epochs=rc.fed.local_epochs,
             noise_multiplier=noise,
@@ -415,6 +416,27 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
         epsilon_after = privacy.epsilon(
             history + this_round, delta=dp.delta, accountant=str(dp.accountant)
         )
+        if rc.round == 1:
+            projected = privacy.plan(
+                history,
+                this_round,
+                rounds=rc.fed.rounds,
+                delta=dp.delta,
+                accountant=str(dp.accountant),
+            )
+            step_log().info(
+                "site %s privacy plan: %d round(s) x %d step(s) at patient sample rate %.3f, noise "
+                "%.3f -> cumulative epsilon by round: %s (budget %g, delta %g, %s)",
+                site,
+                rc.fed.rounds,
+                planned.steps if planned else 0,
+                planned.sample_rate if planned else 0.0,
+                noise or 0.0,
+                ", ".join(f"{e:.2f}" for e in projected),
+                dp.epsilon_budget,
+                dp.delta,
+                dp.accountant,
+            )
         if epsilon_after > dp.epsilon_budget:
             spent = privacy.epsilon(history, delta=dp.delta, accountant=str(dp.accountant))
             reason = (
@@ -466,7 +488,8 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
         model,
         ds.x_train,
         ds.y_train,
-        TrainSettings(
+        groups=ds.groups_train,
+        settings=TrainSettings(
             epochs=rc.fed.local_epochs,
             batch_size=rc.fed.batch_size,
             learning_rate=rc.fed.learning_rate,
@@ -493,7 +516,9 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
             "delta": dp.delta,
             "accountant": str(dp.accountant),
             "max_grad_norm": dp.max_grad_norm,
-            "unit": "image",
+            "unit": "patient",
+            "patients": outcome.n_patients,
+            "max_images_per_patient": outcome.max_images_per_patient,
         }
     out = rc.work(site) / "local.npy"
     digest = save_array(out, outcome.params)
@@ -539,9 +564,8 @@ def _train_already_recorded(
         return None
     ev = prior[0]
     base = ev["inputs"].get("global_model", "")
-    cumulative = (ev.get("privacy") or {}).get(
-        "epsilon_cumulative", (ev.get("privacy") or {}).get("epsilon_spent", 0.0)
-    )
+    recorded = ev.get("privacy") or {}
+    cumulative = recorded.get("epsilon_cumulative", recorded.get("epsilon_spent", float("nan")))
     if ev["action"] == str(Action.REFUSE):
         return TrainRef(
             site=site,
@@ -586,8 +610,8 @@ def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
     privacy_record = None
     if release is not None:
         clipped = clipped + privacy.gaussian_noise(
-            clipped.size, std=noise_std, secure=dp.secure_rng, seed=rc.fed.seed * 7919 + rc.round
-        )
+            clipped.size, std=noise_std, secure=dp.secure_rng
+        )  # no seed: noise from a public seed could be subtracted
         history = release_history(rc.ledger(), site) + [release]
         privacy_record = {
             "release": release.as_dict(),

@@ -43,6 +43,7 @@ def test_a_memorizing_model_is_caught():
         loss.backward()
         opt.step()
     result = membership_attack(
-        per_sample_loss(model, x[members], y[members]), per_sample_loss(model, x[non_members], y[non_members])
+        per_sample_loss(model, x[members], y[members]),
+        per_sample_loss(model, x[non_members], y[non_members]),
     )
     assert result.attack_auc > 0.9

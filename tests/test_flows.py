@@ -141,7 +141,14 @@ def test_failed_round_is_retried_without_training_or_charging_twice(tmp_path, co
 def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
     # Probe what one round costs each site, then give every site a budget that fits exactly
     # one round: the largest one-round spend, which is below every site's two-round spend.
-    probe = federation(tmp_path / "probe", cohorts, rounds=1)
+    fixed_noise = {"target_epsilon = 2.0": "noise_multiplier = 1.0"}
+    probe = federation(
+        tmp_path / "probe",
+        cohorts,
+        rounds=1,
+        **fixed_noise,
+        **{"epsilon_budget = 2.0": "epsilon_budget = 100.0"},
+    )
     federated_training(str(probe), "probe")
     releases = {e["site"]: e["privacy"] for e in ledger_of(probe).events(action="train")}
     one_round = max(p["epsilon_cumulative"] for p in releases.values())
@@ -156,7 +163,8 @@ def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
         tmp_path / "fed",
         cohorts,
         rounds=3,
-        **{"epsilon_budget = 10.0": f"epsilon_budget = {budget}"},
+        **fixed_noise,
+        **{"epsilon_budget = 2.0": f"epsilon_budget = {budget}"},
     )
     summaries = federated_training(str(config), "job-b1")
     assert [s.status for s in summaries] == ["committed", "budget_exhausted"]

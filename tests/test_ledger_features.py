@@ -42,30 +42,90 @@ def url(request, tmp_path):
 
 def _round(ledger: Ledger, job: str, r: int, model: str) -> None:
     base = f"{r - 1:064x}" if r > 1 else "00" * 32
-    ledger.append_many([
-        (Event(actor="site-a", action=Action.PREPROCESS, job=job, round=r, site="site-a",
-               idempotency_key=f"{job}/r{r}/site-a/preprocess", outputs={"dataset": "da" * 32},
-               details={"patients_train": 40, "patients_heldout": 10,
-                        "images_or_rows_train": 160, "images_or_rows_heldout": 40}), SITE),
-        (Event(actor="site-a", action=Action.TRAIN, job=job, round=r, site="site-a",
-               idempotency_key=f"{job}/r{r}/site-a/train",
-               inputs={"dataset": "da" * 32, "global_model": base},
-               outputs={"local_model": "1c" * 32},
-               privacy={"release": {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 20},
-                        "epsilon_round": 1.5, "epsilon_cumulative": 1.5 * r,
-                        "epsilon_budget": 8.0, "delta": 1e-5, "accountant": "rdp"},
-               personal={"operator_note": f"retrained at request of Dr X, round {r}"},
-               subject="patient-pseudonym-7"), SITE),
-        (Event(actor="site-a", action=Action.UPLOAD, job=job, round=r, site="site-a",
-               idempotency_key=f"{job}/r{r}/site-a/upload", inputs={"ciphertext": "ce" * 32},
-               outputs={"artifact": "a7" * 32}, details={"samples": 160, "bytes": 1000}), SITE),
-        (Event(actor="coordinator", action=Action.SECURE_AGGREGATE, job=job, round=r,
-               idempotency_key=f"{job}/r{r}/agg", inputs={"site-a": "a7" * 32},
-               outputs={"aggregate": "ag" * 32}, details={"weights": {"site-a": 1.0}}), COORD),
-        (Event(actor="coordinator", action=Action.COMMIT_ROUND, job=job, round=r,
-               idempotency_key=f"{job}/r{r}/commit", outputs={"global_model": model},
-               details={"participants": ["site-a"], "weighted_auc": 0.9}), COORD),
-    ])
+    ledger.append_many(
+        [
+            (
+                Event(
+                    actor="site-a",
+                    action=Action.PREPROCESS,
+                    job=job,
+                    round=r,
+                    site="site-a",
+                    idempotency_key=f"{job}/r{r}/site-a/preprocess",
+                    outputs={"dataset": "da" * 32},
+                    details={
+                        "patients_train": 40,
+                        "patients_heldout": 10,
+                        "images_or_rows_train": 160,
+                        "images_or_rows_heldout": 40,
+                    },
+                ),
+                SITE,
+            ),
+            (
+                Event(
+                    actor="site-a",
+                    action=Action.TRAIN,
+                    job=job,
+                    round=r,
+                    site="site-a",
+                    idempotency_key=f"{job}/r{r}/site-a/train",
+                    inputs={"dataset": "da" * 32, "global_model": base},
+                    outputs={"local_model": "1c" * 32},
+                    privacy={
+                        "release": {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 20},
+                        "epsilon_round": 1.5,
+                        "epsilon_cumulative": 1.5 * r,
+                        "epsilon_budget": 8.0,
+                        "delta": 1e-5,
+                        "accountant": "rdp",
+                    },
+                    personal={"operator_note": f"retrained at request of Dr X, round {r}"},
+                    subject="patient-pseudonym-7",
+                ),
+                SITE,
+            ),
+            (
+                Event(
+                    actor="site-a",
+                    action=Action.UPLOAD,
+                    job=job,
+                    round=r,
+                    site="site-a",
+                    idempotency_key=f"{job}/r{r}/site-a/upload",
+                    inputs={"ciphertext": "ce" * 32},
+                    outputs={"artifact": "a7" * 32},
+                    details={"samples": 160, "bytes": 1000},
+                ),
+                SITE,
+            ),
+            (
+                Event(
+                    actor="coordinator",
+                    action=Action.SECURE_AGGREGATE,
+                    job=job,
+                    round=r,
+                    idempotency_key=f"{job}/r{r}/agg",
+                    inputs={"site-a": "a7" * 32},
+                    outputs={"aggregate": "ag" * 32},
+                    details={"weights": {"site-a": 1.0}},
+                ),
+                COORD,
+            ),
+            (
+                Event(
+                    actor="coordinator",
+                    action=Action.COMMIT_ROUND,
+                    job=job,
+                    round=r,
+                    idempotency_key=f"{job}/r{r}/commit",
+                    outputs={"global_model": model},
+                    details={"participants": ["site-a"], "weighted_auc": 0.9},
+                ),
+                COORD,
+            ),
+        ]
+    )
 
 
 def filled(url: str, rounds: int = 3) -> Ledger:
@@ -108,11 +168,18 @@ def test_a_flipped_checkpoint_byte_is_detected(url, where):
     ledger = filled(url)
     size, _root, text_, _p = ledger.checkpoints()[1]
     raw = bytearray(text_.encode())
-    index = {"origin": 0, "root": text_.index("\n", text_.index("\n") + 1) + 3,
-             "signature": len(raw) - 10}[where]
+    index = {
+        "origin": 0,
+        "root": text_.index("\n", text_.index("\n") + 1) + 3,
+        "signature": len(raw) - 10,
+    }[where]
     raw[index] ^= 1
-    execute(ledger, "UPDATE ledger_checkpoint SET note = :n WHERE size = :s",
-            n=raw.decode(errors="replace"), s=size)
+    execute(
+        ledger,
+        "UPDATE ledger_checkpoint SET note = :n WHERE size = :s",
+        n=raw.decode(errors="replace"),
+        s=size,
+    )
     with pytest.raises(CheckpointError) as info:
         verify_ledger(url, vkey=VKEY)
     assert info.value.size == size
@@ -189,8 +256,14 @@ def test_bundle_verifies_offline_and_detects_each_tamper(url, tmp_path):
     assert tampered(lambda d: d["entries"].pop(4)) == 4
     assert tampered(lambda d: d["entries"].insert(4, d["entries"][2])) == 4
     assert tampered(lambda d: d["entries"].__setitem__(slice(4, 6), d["entries"][5:3:-1])) == 4
-    assert tampered(lambda d: d["checkpoints"][0].__setitem__(
-        "note", d["checkpoints"][0]["note"].replace("\n7\n", "\n6\n"))) == 7
+    assert (
+        tampered(
+            lambda d: d["checkpoints"][0].__setitem__(
+                "note", d["checkpoints"][0]["note"].replace("\n7\n", "\n6\n")
+            )
+        )
+        == 7
+    )
 
 
 def test_inclusion_proof_checks_offline_and_rejects_alteration(url):
@@ -272,8 +345,11 @@ def test_fhir_export_is_a_valid_r5_bundle(url):
     doc = fhir.bundle(ledger.raw_rows(), origin=ORIGIN)
     parsed = Bundle.model_validate(doc)
     assert len(parsed.entry) == 7
-    [train] = [AuditEvent.model_validate(e["resource"]) for e in doc["entry"]
-               if e["resource"]["code"]["text"] == "train"]
+    [train] = [
+        AuditEvent.model_validate(e["resource"])
+        for e in doc["entry"]
+        if e["resource"]["code"]["text"] == "train"
+    ]
     details = {d.type.text: d for e in train.entity for d in (e.detail or [])}
     assert details["privacy.epsilon_cumulative"].valueQuantity.value == 1.5
     assert details["round"].valueInteger == 1
@@ -284,8 +360,11 @@ def test_fhir_export_is_a_valid_r5_bundle(url):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12,
 )
@@ -327,28 +406,42 @@ def test_cli_exit_codes(tmp_path):
     key = tmp_path / "log.pem"
     keys.save(LOG, key)
     assert run(app, ["ledger", "verify", "--ledger", url, "--vkey", VKEY]).exit_code == 0
-    result = run(app, ["ledger", "checkpoint", "--ledger", url, "--key", str(key),
-                       "--out", str(tmp_path / "cp")])
+    result = run(
+        app,
+        ["ledger", "checkpoint", "--ledger", url, "--key", str(key), "--out", str(tmp_path / "cp")],
+    )
     assert result.exit_code == 0, result.output
     cp = tmp_path / "cp"
     assert run(app, ["ledger", "checkpoint", "verify", "--vkey", VKEY, str(cp)]).exit_code == 0
     cp.write_text(cp.read_text().replace("\n17\n", "\n16\n"))
     assert run(app, ["ledger", "checkpoint", "verify", "--vkey", VKEY, str(cp)]).exit_code == 1
-    assert run(app, ["ledger", "checkpoint", "verify", "--vkey", VKEY,
-                     str(tmp_path / "nope")]).exit_code == 2
+    assert (
+        run(
+            app, ["ledger", "checkpoint", "verify", "--vkey", VKEY, str(tmp_path / "nope")]
+        ).exit_code
+        == 2
+    )
     assert run(app, ["ledger", "checkpoint", "verify", "--vkey", "junk", str(cp)]).exit_code == 2
-    for args in (["spend", "--json"], ["data-use", "--csv"], ["disclosures"],
-                 ["events", "--action", "train"], ["lineage", f"{3:064x}"]):
+    for args in (
+        ["spend", "--json"],
+        ["data-use", "--csv"],
+        ["disclosures"],
+        ["events", "--action", "train"],
+        ["lineage", f"{3:064x}"],
+    ):
         result = run(app, ["ledger", *args[:1], "--ledger", url, *args[1:]])
         assert result.exit_code == 0, (args, result.output)
     result = run(app, ["ledger", "prove", "8", "--ledger", url, "--out", str(tmp_path / "p")])
     assert result.exit_code == 0
-    assert run(app, ["ledger", "verify-proof", str(tmp_path / "p"), "--vkey", VKEY]
-               ).exit_code == 0
-    assert run(app, ["ledger", "export", "--ledger", url, "--bundle", str(tmp_path / "b")]
-               ).exit_code == 0
-    assert run(app, ["ledger", "verify", "--bundle", str(tmp_path / "b"), "--vkey", VKEY]
-               ).exit_code == 0
+    assert run(app, ["ledger", "verify-proof", str(tmp_path / "p"), "--vkey", VKEY]).exit_code == 0
+    assert (
+        run(app, ["ledger", "export", "--ledger", url, "--bundle", str(tmp_path / "b")]).exit_code
+        == 0
+    )
+    assert (
+        run(app, ["ledger", "verify", "--bundle", str(tmp_path / "b"), "--vkey", VKEY]).exit_code
+        == 0
+    )
     result = run(app, ["ledger", "export", "--ledger", url, "--format", "fhir"])
     assert result.exit_code == 0 and '"AuditEvent"' in result.output
     execute(ledger, "UPDATE ledger_entry SET round = 9 WHERE seq = 3")
@@ -360,3 +453,52 @@ def test_opening_a_missing_sqlite_ledger_does_not_create_it(tmp_path):
     with pytest.raises(UnreadableError, match="does not exist"):
         open_ledger(f"sqlite:///{tmp_path}/none.db")
     assert not (tmp_path / "none.db").exists()
+
+
+def test_spend_reports_training_without_dp_as_unbounded(tmp_path):
+    from ledger import keys
+    from ledger.entry import Action, Event
+    from ledger.queries import UNBOUNDED, spend_summary
+    from ledger.store import Ledger
+
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    site = keys.generate("a")
+    dp = {
+        "release": {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10},
+        "epsilon_cumulative": 0.8,
+        "epsilon_budget": 2.0,
+        "delta": 1e-5,
+        "accountant": "prv",
+    }
+    ledger.append(
+        Event(
+            actor="a",
+            action=Action.TRAIN,
+            job="j1",
+            round=1,
+            site="a",
+            idempotency_key="j1/1",
+            privacy=dp,
+        ),
+        site,
+    )
+    [summary] = spend_summary(ledger)
+    assert summary["epsilon_cumulative"] == 0.8 and summary["budget_remaining"] == pytest.approx(
+        1.2
+    )
+    assert summary["accountant"] == "prv" and summary["rounds_without_dp"] == 0
+    ledger.append(
+        Event(
+            actor="a",
+            action=Action.TRAIN,
+            job="j2",
+            round=1,
+            site="a",
+            idempotency_key="j2/1",
+            privacy={"dp": False, "epsilon": "unbounded"},
+        ),
+        site,
+    )
+    [summary] = spend_summary(ledger)
+    assert summary["epsilon_cumulative"] == UNBOUNDED
+    assert summary["budget_remaining"] == 0.0 and summary["rounds_without_dp"] == 1

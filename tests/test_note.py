@@ -461,3 +461,21 @@ def test_any_one_character_change_is_rejected(position: int, char: str) -> None:
         return
     with pytest.raises(VerificationError):
         verify_checkpoint(tampered, LOG_VKEY)
+
+
+def test_cli_verifies_a_checkpoint_written_by_go_sumdb(tmp_path) -> None:
+    """`medfed ledger checkpoint verify` on sum.golang.org's own checkpoints: 0 / 1 / 2."""
+    import subprocess
+    import sys
+
+    def verify(path, vkey=SUMDB_VKEY):
+        cmd = [sys.executable, "-m", "flows.cli", "ledger", "checkpoint", "verify", "--vkey", vkey]
+        return subprocess.run([*cmd, str(path)], capture_output=True, text=True).returncode
+
+    good = tmp_path / "sumdb.txt"
+    good.write_text(_sumdb_note(*SUMDB_CHECKPOINTS[1]))
+    assert verify(good) == 0
+    altered = tmp_path / "altered.txt"
+    altered.write_text(_sumdb_note(*SUMDB_CHECKPOINTS[1]).replace("15368405", "15368406"))
+    assert verify(altered) == 1
+    assert verify(tmp_path / "absent.txt") == 2

@@ -123,3 +123,11 @@ def test_site_level_noise_is_accounted_at_half_the_multiplier():
     assert epsilon([R, r], delta=1e-5, accountant="prv") > epsilon(
         [R], delta=1e-5, accountant="prv"
     )
+
+
+def test_plan_projects_cumulative_epsilon_per_round():
+    from tasks.privacy import plan
+
+    projected = plan([R], [R], rounds=3, delta=1e-5, accountant="rdp")
+    assert projected == sorted(projected) and len(projected) == 3
+    assert projected[-1] == pytest.approx(epsilon([R] * 4, delta=1e-5, accountant="rdp"))
