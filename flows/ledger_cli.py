@@ -118,8 +118,11 @@ def ledger_verify(
     ledger: Annotated[str | None, typer.Option("--ledger", help="Ledger URL.")] = None,
     bundle: Annotated[Path | None, typer.Option("--bundle", help="Exported bundle; no DB.")] = None,
     vkey: Annotated[str | None, typer.Option("--vkey", help="Pin the log's verifier key.")] = None,
-    checkpoint: Annotated[list[Path] | None, typer.Option(
-        "--checkpoint", help="A checkpoint you kept earlier; the ledger must still contain it.")
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--checkpoint", help="A checkpoint you kept earlier; the ledger must still contain it."
+        ),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
@@ -135,26 +138,42 @@ def ledger_verify(
         report = verify_bundle(bundle, vkey=key, pinned_checkpoints=pinned)
     else:
         report = verify_ledger(ledger, vkey=key, pinned_checkpoints=pinned)
-    doc = {"ok": True, "entries": report.entries, "head": report.head, "root": report.root,
-           "actors": list(report.actors), "checkpoints": report.checkpoints,
-           "checkpoint_size": report.checkpoint_size, "vkey": report.vkey,
-           "vkey_pinned": key is not None, "personal_fields": report.personal_fields,
-           "erased_fields": report.erased_fields}
+    doc = {
+        "ok": True,
+        "entries": report.entries,
+        "head": report.head,
+        "root": report.root,
+        "actors": list(report.actors),
+        "checkpoints": report.checkpoints,
+        "checkpoint_size": report.checkpoint_size,
+        "vkey": report.vkey,
+        "vkey_pinned": key is not None,
+        "personal_fields": report.personal_fields,
+        "erased_fields": report.erased_fields,
+    }
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
     out.print(f"ledger intact: {report.entries} entries, signatures valid, head {report.head}")
-    out.print(f"Merkle root {report.root}; {report.checkpoints} checkpoints verified"
-              + (f", latest at size {report.checkpoint_size}" if report.checkpoints else ""))
+    out.print(
+        f"Merkle root {report.root}; {report.checkpoints} checkpoints verified"
+        + (f", latest at size {report.checkpoint_size}" if report.checkpoints else "")
+    )
     if report.checkpoints and key is None:
-        out.print("[yellow]checkpoint key taken from the ledger itself; pin it with --vkey "
-                  "for verification that does not trust the database[/yellow]")
+        out.print(
+            "[yellow]checkpoint key taken from the ledger itself; pin it with --vkey "
+            "for verification that does not trust the database[/yellow]"
+        )
     if report.entries > report.checkpoint_size:
-        out.print(f"{report.entries - report.checkpoint_size} entries are not yet covered by a "
-                  "signed checkpoint")
+        out.print(
+            f"{report.entries - report.checkpoint_size} entries are not yet covered by a "
+            "signed checkpoint"
+        )
     if report.personal_fields or report.erased_fields:
-        out.print(f"personal fields: {report.personal_fields} match their commitments, "
-                  f"{report.erased_fields} erased")
+        out.print(
+            f"personal fields: {report.personal_fields} match their commitments, "
+            f"{report.erased_fields} erased"
+        )
     out.print(f"actors: {', '.join(report.actors)}")
 
 
@@ -168,8 +187,11 @@ def checkpoint_sign(
     ledger: Annotated[str | None, typer.Option("--ledger", help="Ledger URL.")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="The log's Ed25519 PEM key.")] = None,
     name: Annotated[str, typer.Option("--name", help="The log key's name.")] = DEFAULT_LOG_NAME,
-    origin: Annotated[str | None, typer.Option(
-        "--origin", help="Checkpoint origin (default: the ledger's, else medfed.local/NAME).")
+    origin: Annotated[
+        str | None,
+        typer.Option(
+            "--origin", help="Checkpoint origin (default: the ledger's, else medfed.local/NAME)."
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Also write the note here.")] = None,
 ) -> None:
@@ -177,8 +199,11 @@ def checkpoint_sign(
     if ctx.invoked_subcommand is not None:
         return
     if ledger is None or key is None:
-        raise Failure("`medfed ledger checkpoint` needs --ledger URL and --key PATH "
-                      "(or use `checkpoint verify`)", 2)
+        raise Failure(
+            "`medfed ledger checkpoint` needs --ledger URL and --key PATH "
+            "(or use `checkpoint verify`)",
+            2,
+        )
     from ledger import keys
     from ledger.store import open_ledger
 
@@ -186,8 +211,9 @@ def checkpoint_sign(
         raise Failure(f"key file {key} does not exist", 2)
     log = open_ledger(ledger)
     stored = log.log_identity()
-    signed = log.checkpoint(keys.load(name, key),
-                            origin or (stored[0] if stored else f"medfed.local/{name}"))
+    signed = log.checkpoint(
+        keys.load(name, key), origin or (stored[0] if stored else f"medfed.local/{name}")
+    )
     if output is not None:
         from ledger.verify import _atomic_write_text
 
@@ -281,19 +307,23 @@ def ledger_verify_proof(
     key = _vkey_arg(vkey)
     assert key is not None
     cp = check_inclusion(doc, key)
-    out.print(f"entry {doc['leaf_index']} is included in {cp.origin} at size {cp.size} "
-              f"(root {cp.root_hash.hex()})")
+    out.print(
+        f"entry {doc['leaf_index']} is included in {cp.origin} at size {cp.size} "
+        f"(root {cp.root_hash.hex()})"
+    )
 
 
 @ledger_app.command("export")
 @_ledger_errors
 def ledger_export(
     ledger: LedgerUrl,
-    bundle: Annotated[Path | None, typer.Option("--bundle", help="Write a verification bundle.")
-                      ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Write a verification bundle.")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="bundle | fhir | csv")] = "bundle",
-    output: Annotated[Path | None, typer.Option("--out", help="Output file (fhir/csv: stdout)")
-                      ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--out", help="Output file (fhir/csv: stdout)")
+    ] = None,
 ) -> None:
     """Export entries + checkpoints + public keys (bundle), a FHIR R5 Bundle of AuditEvents,
     or a CSV of events."""
@@ -306,16 +336,22 @@ def ledger_export(
         if target is None:
             raise Failure("--format bundle needs --bundle FILE", 2)
         counts = write_bundle(log, target)
-        out.print(f"wrote {target}: {counts['entries']} entries, {counts['checkpoints']} "
-                  "checkpoints, public keys; check it with "
-                  f"`medfed ledger verify --bundle {target} --vkey VKEY`")
+        out.print(
+            f"wrote {target}: {counts['entries']} entries, {counts['checkpoints']} "
+            "checkpoints, public keys; check it with "
+            f"`medfed ledger verify --bundle {target} --vkey VKEY`"
+        )
         return
     if fmt == "fhir":
         from ledger import fhir
 
         stored = log.log_identity()
-        text = json.dumps(fhir.bundle(log.raw_rows(), origin=stored[0] if stored else log.url),
-                          indent=2) + "\n"
+        text = (
+            json.dumps(
+                fhir.bundle(log.raw_rows(), origin=stored[0] if stored else log.url), indent=2
+            )
+            + "\n"
+        )
     elif fmt == "csv":
         from ledger import queries
 
@@ -380,8 +416,18 @@ def ledger_events(
     from ledger import queries
     from ledger.store import open_ledger
 
-    rows = queries.events(open_ledger(ledger), actor=actor, action=action, site=site, job=job,
-                          round=round_, purpose=purpose, entity=entity, since=since, until=until)
+    rows = queries.events(
+        open_ledger(ledger),
+        actor=actor,
+        action=action,
+        site=site,
+        job=job,
+        round=round_,
+        purpose=purpose,
+        entity=entity,
+        since=since,
+        until=until,
+    )
     _emit(rows, as_json=as_json, as_csv=as_csv, title="ledger events")
 
 
@@ -419,8 +465,12 @@ def ledger_data_use(
     from ledger import queries
     from ledger.store import open_ledger
 
-    _emit(queries.data_use(open_ledger(ledger), site=site), as_json=as_json, as_csv=as_csv,
-          title="data use")
+    _emit(
+        queries.data_use(open_ledger(ledger), site=site),
+        as_json=as_json,
+        as_csv=as_csv,
+        title="data use",
+    )
 
 
 @ledger_app.command("lineage")
@@ -435,8 +485,12 @@ def ledger_lineage(
     from ledger import queries
     from ledger.store import open_ledger
 
-    _emit(queries.lineage(open_ledger(ledger), model), as_json=as_json, as_csv=as_csv,
-          title=f"lineage of {model}")
+    _emit(
+        queries.lineage(open_ledger(ledger), model),
+        as_json=as_json,
+        as_csv=as_csv,
+        title=f"lineage of {model}",
+    )
 
 
 @ledger_app.command("disclosures")
@@ -453,5 +507,9 @@ def ledger_disclosures(
     from ledger import queries
     from ledger.store import open_ledger
 
-    _emit(queries.disclosures(open_ledger(ledger), site=site, since=since, until=until),
-          as_json=as_json, as_csv=as_csv, title="accounting of disclosures")
+    _emit(
+        queries.disclosures(open_ledger(ledger), site=site, since=since, until=until),
+        as_json=as_json,
+        as_csv=as_csv,
+        title="accounting of disclosures",
+    )

@@ -57,13 +57,22 @@ def appends_per_s(path: Path, n: int = 5000, batch: int = 500) -> float:
 
 def _event(i: int) -> Event:
     return Event(
-        actor="site-bench", action=Action.TRAIN, job="bench", round=i, site="site-bench",
+        actor="site-bench",
+        action=Action.TRAIN,
+        job="bench",
+        round=i,
+        site="site-bench",
         idempotency_key=f"bench/r{i}/site-bench/train",
         inputs={"dataset": "da" * 32, "global_model": "9b" * 32},
         outputs={"local_model": "1c" * 32},
-        privacy={"release": {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 20},
-                 "epsilon_round": 0.4, "epsilon_cumulative": 0.4 * (i + 2),
-                 "epsilon_budget": 8.0, "delta": 1e-5, "accountant": "rdp"},
+        privacy={
+            "release": {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 20},
+            "epsilon_round": 0.4,
+            "epsilon_cumulative": 0.4 * (i + 2),
+            "epsilon_budget": 8.0,
+            "delta": 1e-5,
+            "accountant": "rdp",
+        },
         details={"samples": 160, "epochs": 1, "mean_loss": 0.52},
     )
 
@@ -74,21 +83,42 @@ def synthesize(path: Path, n: int, *, signed: bool) -> str:
     url = f"sqlite:///{path}"
     Ledger(url)  # schema
     site, log = keys.generate("site-bench"), keys.generate("medfed-log")
-    reg = seal(registration(site, "bench"), site, seq=0, prev_hash=bytes(32),
-               recorded="2026-01-01T00:00:00.000000Z")
+    reg = seal(
+        registration(site, "bench"),
+        site,
+        seq=0,
+        prev_hash=bytes(32),
+        recorded="2026-01-01T00:00:00.000000Z",
+    )
     marker = _event(0)
-    probe = seal(marker, site, seq=1, prev_hash=b"\xaa" * 32,
-                 recorded="2026-01-01T00:00:00.000000Z").body.decode()
+    probe = seal(
+        marker, site, seq=1, prev_hash=b"\xaa" * 32, recorded="2026-01-01T00:00:00.000000Z"
+    ).body.decode()
     tmpl = probe.replace("%", "%%")
-    for old, new in (('"seq":1,', '"seq":%d,'), ('"' + "aa" * 32 + '"', '"%s"'),
-                     ('"round":0,', '"round":%d,'), ("bench/r0/", "bench/r%d/"),
-                     ('"epsilon_cumulative":0.8', '"epsilon_cumulative":%s')):
+    for old, new in (
+        ('"seq":1,', '"seq":%d,'),
+        ('"' + "aa" * 32 + '"', '"%s"'),
+        ('"round":0,', '"round":%d,'),
+        ("bench/r0/", "bench/r%d/"),
+        ('"epsilon_cumulative":0.8', '"epsilon_cumulative":%s'),
+    ):
         tmpl = tmpl.replace(old, new)
     fake_sig = b64(bytes(64))
-    rows = [(0, registration(site, "bench").idempotency_key, "site-bench", "register_key",
-             "bench", None, None, "2026-01-01T00:00:00.000000Z",
-             reg.body.decode(), reg.entry_hash.hex(),
-             b64(reg.signature))]
+    rows = [
+        (
+            0,
+            registration(site, "bench").idempotency_key,
+            "site-bench",
+            "register_key",
+            "bench",
+            None,
+            None,
+            "2026-01-01T00:00:00.000000Z",
+            reg.body.decode(),
+            reg.entry_hash.hex(),
+            b64(reg.signature),
+        )
+    ]
     hashes = [reg.entry_hash]
     prev = reg.entry_hash.hex()
     sha = hashlib.sha256
@@ -99,8 +129,21 @@ def synthesize(path: Path, n: int, *, signed: bool) -> str:
         hashes.append(h)
         prev = h.hex()
         sig = b64(site.sign(body)) if signed else fake_sig
-        rows.append((seq, f"bench/r{r}/site-bench/train", "site-bench", "train", "bench", r,
-                     "site-bench", "2026-01-01T00:00:00.000000Z", body.decode(), prev, sig))
+        rows.append(
+            (
+                seq,
+                f"bench/r{r}/site-bench/train",
+                "site-bench",
+                "train",
+                "bench",
+                r,
+                "site-bench",
+                "2026-01-01T00:00:00.000000Z",
+                body.decode(),
+                prev,
+                sig,
+            )
+        )
     if n > 1:
         assert jcs.dumps(json.loads(rows[1][8])) == rows[1][8].encode()
         assert leaf_hash(rows[-1][8].encode()) == hashes[-1]
@@ -108,14 +151,21 @@ def synthesize(path: Path, n: int, *, signed: bool) -> str:
     with conn:
         conn.executemany(
             "INSERT INTO ledger_entry (seq, idempotency_key, actor, action, job, round, site, "
-            "recorded, body, entry_hash, signature) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-        conn.execute("INSERT INTO ledger_actor VALUES (?,?,?)",
-                     ("site-bench", site.public_key.hex(), site.key_id.hex()))
+            "recorded, body, entry_hash, signature) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        conn.execute(
+            "INSERT INTO ledger_actor VALUES (?,?,?)",
+            ("site-bench", site.public_key.hex(), site.key_id.hex()),
+        )
         root = merkle.root(hashes)
-        signed_note = note.sign_note(note.format_checkpoint(
-            note.Checkpoint(origin=ORIGIN, size=n, root_hash=root)), log)
-        conn.execute("INSERT INTO ledger_checkpoint VALUES (?,?,?,?,?)",
-                     (n, root.hex(), signed_note, "2026-01-01T00:00:00Z", "[]"))
+        signed_note = note.sign_note(
+            note.format_checkpoint(note.Checkpoint(origin=ORIGIN, size=n, root_hash=root)), log
+        )
+        conn.execute(
+            "INSERT INTO ledger_checkpoint VALUES (?,?,?,?,?)",
+            (n, root.hex(), signed_note, "2026-01-01T00:00:00Z", "[]"),
+        )
         conn.execute("INSERT INTO ledger_log VALUES (?,?)", (ORIGIN, note.format_vkey(log)))
     conn.close()
     return note.format_vkey(log)

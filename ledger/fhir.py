@@ -23,44 +23,75 @@ ACTION_SYSTEM = "urn:medfed:ledger:action"
 ACTOR_SYSTEM = "urn:medfed:actor"
 HASH_SYSTEM = "urn:medfed:sha256"
 _NS = uuid.UUID("6d656466-6564-4c65-9467-657200000000")
-_ACTION_CODE = {"register_key": "C", "preprocess": "R", "commit_round": "C", "job_start": "E",
-                "job_end": "E", "erase": "D", "upload": "E", "disclose": "E"}
-_OUTCOME_CODE = {"success": ("0", "Success"), "refused": ("4", "Minor failure"),
-                 "failure": ("8", "Serious failure")}
+_ACTION_CODE = {
+    "register_key": "C",
+    "preprocess": "R",
+    "commit_round": "C",
+    "job_start": "E",
+    "job_end": "E",
+    "erase": "D",
+    "upload": "E",
+    "disclose": "E",
+}
+_OUTCOME_CODE = {
+    "success": ("0", "Success"),
+    "refused": ("4", "Minor failure"),
+    "failure": ("8", "Serious failure"),
+}
 
 
-def audit_event(body: dict[str, Any], *, entry_hash: str, signature: str, origin: str
-                ) -> dict[str, Any]:
+def audit_event(
+    body: dict[str, Any], *, entry_hash: str, signature: str, origin: str
+) -> dict[str, Any]:
     code, display = _OUTCOME_CODE.get(body.get("outcome", ""), ("8", "Serious failure"))
     outcome: dict[str, Any] = {"code": {"system": OUTCOME, "code": code, "display": display}}
     reason = (body.get("details") or {}).get("reason")
     if reason:
         outcome["detail"] = [{"text": str(reason)}]
     entities = [
-        {"what": {"identifier": {"system": HASH_SYSTEM, "value": value}, "display": name},
-         "role": {"text": direction}}
-        for direction, group in (("input", body.get("inputs") or {}),
-                                 ("output", body.get("outputs") or {}))
+        {
+            "what": {"identifier": {"system": HASH_SYSTEM, "value": value}, "display": name},
+            "role": {"text": direction},
+        }
+        for direction, group in (
+            ("input", body.get("inputs") or {}),
+            ("output", body.get("outputs") or {}),
+        )
         for name, value in sorted(group.items())
     ]
-    record = {"seq": body.get("seq"), "entry_hash": entry_hash, "signature": signature,
-              "job": body.get("job"), "round": body.get("round"), "site": body.get("site"),
-              "legal_basis": body.get("legal_basis"), "recipient": body.get("recipient"),
-              "privacy": body.get("privacy"), "details": body.get("details"),
-              "commitments": body.get("commitments")}
-    entities.append({
-        "what": {"identifier": {"system": f"urn:medfed:ledger:{origin}", "value": entry_hash},
-                 "display": f"ledger entry {body.get('seq')}"},
-        "role": {"text": "ledger entry"},
-        "detail": [d for d in _details(record) if d is not None],
-    })
+    record = {
+        "seq": body.get("seq"),
+        "entry_hash": entry_hash,
+        "signature": signature,
+        "job": body.get("job"),
+        "round": body.get("round"),
+        "site": body.get("site"),
+        "legal_basis": body.get("legal_basis"),
+        "recipient": body.get("recipient"),
+        "privacy": body.get("privacy"),
+        "details": body.get("details"),
+        "commitments": body.get("commitments"),
+    }
+    entities.append(
+        {
+            "what": {
+                "identifier": {"system": f"urn:medfed:ledger:{origin}", "value": entry_hash},
+                "display": f"ledger entry {body.get('seq')}",
+            },
+            "role": {"text": "ledger entry"},
+            "detail": [d for d in _details(record) if d is not None],
+        }
+    )
     return {
         "resourceType": "AuditEvent",
         "id": f"medfed-{body.get('seq')}",
-        "category": [{"coding": [{"system": DCM, "code": "110100",
-                                  "display": "Application Activity"}]}],
-        "code": {"coding": [{"system": ACTION_SYSTEM, "code": body.get("action")}],
-                 "text": body.get("action")},
+        "category": [
+            {"coding": [{"system": DCM, "code": "110100", "display": "Application Activity"}]}
+        ],
+        "code": {
+            "coding": [{"system": ACTION_SYSTEM, "code": body.get("action")}],
+            "text": body.get("action"),
+        },
         "action": _ACTION_CODE.get(body.get("action", ""), "E"),
         "recorded": body.get("recorded"),
         "outcome": outcome,
@@ -68,10 +99,21 @@ def audit_event(body: dict[str, Any], *, entry_hash: str, signature: str, origin
             {"coding": [{"system": PURPOSE, "code": body.get("purpose")}]},
             {"text": f"legal basis: {body.get('legal_basis')}"},
         ],
-        "agent": [{"who": {"identifier": {"system": ACTOR_SYSTEM, "value": body.get("actor")},
-                           "display": body.get("actor")}, "requestor": True}],
-        "source": {"observer": {"identifier": {"system": "urn:medfed:ledger", "value": origin},
-                                "display": "medfed audit ledger"}},
+        "agent": [
+            {
+                "who": {
+                    "identifier": {"system": ACTOR_SYSTEM, "value": body.get("actor")},
+                    "display": body.get("actor"),
+                },
+                "requestor": True,
+            }
+        ],
+        "source": {
+            "observer": {
+                "identifier": {"system": "urn:medfed:ledger", "value": origin},
+                "display": "medfed audit ledger",
+            }
+        },
         "entity": entities,
     }
 
@@ -105,5 +147,9 @@ def bundle(rows: Iterable[tuple], *, origin: str, timestamp: str | None = None) 
         body = json.loads(row[1])
         resource = audit_event(body, entry_hash=row[2], signature=row[3], origin=origin)
         entries.append({"fullUrl": f"urn:uuid:{uuid.uuid5(_NS, row[2])}", "resource": resource})
-    return {"resourceType": "Bundle", "type": "collection",
-            "timestamp": timestamp or utc_now(), "entry": entries}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": timestamp or utc_now(),
+        "entry": entries,
+    }

@@ -82,8 +82,10 @@ def _prepare(value: Any, numbers: list[str]) -> Any:
         out = {}
         for key, item in value.items():
             # Python sorts by code point, JCS by UTF-16 unit: they differ only above U+E000.
-            if type(key) is not str or _MARK in key or (
-                not key.isascii() and any(c >= "\ue000" for c in key)
+            if (
+                type(key) is not str
+                or _MARK in key
+                or (not key.isascii() and any(c >= "\ue000" for c in key))
             ):
                 raise _Slow
             out[key] = _prepare(item, numbers)

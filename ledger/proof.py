@@ -69,8 +69,9 @@ def check_inclusion(doc: dict[str, Any], vkey: str) -> note.Checkpoint:
     fields = json.loads(body)
     if fields.get("seq") != index:
         raise VerificationError("the entry's seq is not the proof's leaf index")
-    merkle.verify_inclusion(leaf_hash=leaf, index=index, size=cp.size, proof=path,
-                            root=cp.root_hash)
+    merkle.verify_inclusion(
+        leaf_hash=leaf, index=index, size=cp.size, proof=path, root=cp.root_hash
+    )
     return cp
 
 

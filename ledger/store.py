@@ -126,9 +126,9 @@ def _upgrade(conn: Connection) -> None:
     """Ledgers made before checkpoints stored consistency proofs lack that column."""
     names = {c["name"] for c in inspect(conn).get_columns(C.name)}
     if "consistency_proof" not in names:
-        conn.execute(text(
-            f"ALTER TABLE {C.name} ADD COLUMN consistency_proof VARCHAR NOT NULL DEFAULT '[]'"
-        ))
+        conn.execute(
+            text(f"ALTER TABLE {C.name} ADD COLUMN consistency_proof VARCHAR NOT NULL DEFAULT '[]'")
+        )
 
 
 def _sqlite_serialized_writes(engine: Engine) -> None:
@@ -208,8 +208,13 @@ class Ledger:
                 sealed = seal(ev, signer, seq=seq, prev_hash=prev, recorded=recorded)
                 entry_rows.append(_row(sealed, ev, recorded))
                 payload_rows.extend(
-                    {"seq": seq, "field": p.field, "subject": p.subject, "salt": p.salt.hex(),
-                     "value": p.value}
+                    {
+                        "seq": seq,
+                        "field": p.field,
+                        "subject": p.subject,
+                        "salt": p.salt.hex(),
+                        "value": p.value,
+                    }
                     for p in sealed.payloads
                 )
                 existing[ev.idempotency_key] = (seq, sealed.entry_hash.hex())
@@ -226,8 +231,11 @@ class Ledger:
                 if known is None:
                     actors[signer.name] = public_hex
                     actor_rows.append(
-                        {"name": signer.name, "public_key": public_hex,
-                         "key_id": signer.key_id.hex()}
+                        {
+                            "name": signer.name,
+                            "public_key": public_hex,
+                            "key_id": signer.key_id.hex(),
+                        }
                     )
                     add(registration(signer, ev.job), signer)
                 elif known != public_hex:
@@ -294,8 +302,11 @@ class Ledger:
                 if previous.size > 0:
                     proof = merkle.consistency_proof(hashes, previous.size)
                     merkle.verify_consistency(
-                        old_size=previous.size, new_size=len(hashes),
-                        old_root=previous.root_hash, new_root=new_root, proof=proof,
+                        old_size=previous.size,
+                        new_size=len(hashes),
+                        old_root=previous.root_hash,
+                        new_root=new_root,
+                        proof=proof,
                     )
             else:
                 new_root = merkle.root(hashes)
@@ -305,14 +316,21 @@ class Ledger:
             signed = note.sign_note(body, signer)
             conn.execute(
                 insert(C),
-                [{"size": len(hashes), "root_hash": new_root.hex(), "note": signed,
-                  "recorded": recorded or utc_now(),
-                  "consistency_proof": json.dumps([p.hex() for p in proof])}],
+                [
+                    {
+                        "size": len(hashes),
+                        "root_hash": new_root.hex(),
+                        "note": signed,
+                        "recorded": recorded or utc_now(),
+                        "consistency_proof": json.dumps([p.hex() for p in proof]),
+                    }
+                ],
             )
         return signed
 
-    def erase(self, subject: str, signer: _keys.Identity, *, reason: str, job: str = "erasure"
-              ) -> tuple[Appended | None, int]:
+    def erase(
+        self, subject: str, signer: _keys.Identity, *, reason: str, job: str = "erasure"
+    ) -> tuple[Appended | None, int]:
         """Destroy the salts and values of `subject`'s personal fields and record the erasure.
 
         The erasure entry lists (seq, field) pairs, never the subject. Returns the entry (None
@@ -357,8 +375,19 @@ class Ledger:
     def raw_rows(self, *, batch: int = 20000) -> Iterator[tuple]:
         """(seq, body, entry_hash, signature, *INDEXED_FIELDS) in seq order, streamed in
         keyset-paginated batches, each read in its own short transaction."""
-        cols = [E.c.seq, E.c.body, E.c.entry_hash, E.c.signature, E.c.idempotency_key,
-                E.c.actor, E.c.action, E.c.job, E.c.round, E.c.site, E.c.recorded]
+        cols = [
+            E.c.seq,
+            E.c.body,
+            E.c.entry_hash,
+            E.c.signature,
+            E.c.idempotency_key,
+            E.c.actor,
+            E.c.action,
+            E.c.job,
+            E.c.round,
+            E.c.site,
+            E.c.recorded,
+        ]
         last = None
         while True:
             query = select(*cols).order_by(E.c.seq).limit(batch)
@@ -373,9 +402,19 @@ class Ledger:
     def rows(self, *, batch: int = 5000) -> Iterator[EntryRow]:
         """Every entry as an EntryRow, in sequence order (kept for callers of the ORM view)."""
         for r in self.raw_rows(batch=batch):
-            yield EntryRow(seq=r[0], body=r[1], entry_hash=r[2], signature=r[3],
-                           idempotency_key=r[4], actor=r[5], action=r[6], job=r[7], round=r[8],
-                           site=r[9], recorded=r[10])
+            yield EntryRow(
+                seq=r[0],
+                body=r[1],
+                entry_hash=r[2],
+                signature=r[3],
+                idempotency_key=r[4],
+                actor=r[5],
+                action=r[6],
+                job=r[7],
+                round=r[8],
+                site=r[9],
+                recorded=r[10],
+            )
 
     def events(self, **where: object) -> list[dict]:
         """Entry bodies matching indexed columns, e.g. events(site="st-mary", action="train")."""
@@ -396,9 +435,12 @@ class Ledger:
 
     def checkpoints(self) -> list[tuple[int, str, str, str]]:
         """(size, root_hash hex, note, consistency_proof JSON), by size."""
-        return [tuple(r) for r in self._read(
-            select(C.c.size, C.c.root_hash, C.c.note, C.c.consistency_proof).order_by(C.c.size)
-        )]
+        return [
+            tuple(r)
+            for r in self._read(
+                select(C.c.size, C.c.root_hash, C.c.note, C.c.consistency_proof).order_by(C.c.size)
+            )
+        ]
 
     def log_identity(self) -> tuple[str, str] | None:
         """(origin, vkey) of this ledger's checkpoints, as stored; None before the first."""
@@ -407,9 +449,12 @@ class Ledger:
 
     def payloads(self) -> list[tuple[int, str, str, str]]:
         """(seq, field, salt hex, value) of every personal field not yet erased."""
-        return [tuple(r) for r in self._read(
-            select(P.c.seq, P.c.field, P.c.salt, P.c.value).order_by(P.c.seq, P.c.field)
-        )]
+        return [
+            tuple(r)
+            for r in self._read(
+                select(P.c.seq, P.c.field, P.c.salt, P.c.value).order_by(P.c.seq, P.c.field)
+            )
+        ]
 
 
 def registration(signer: _keys.Identity, job: str) -> Event:

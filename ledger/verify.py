@@ -92,8 +92,12 @@ def verify_ledger(
     """Verify the ledger at `url` (which must exist); raise EntryError / CheckpointError."""
     ledger = open_ledger(url)
     return verify_source(
-        source_of(ledger), vkey=vkey, trusted_keys=trusted_keys,
-        pinned_checkpoints=pinned_checkpoints, signatures=signatures, workers=workers,
+        source_of(ledger),
+        vkey=vkey,
+        trusted_keys=trusted_keys,
+        pinned_checkpoints=pinned_checkpoints,
+        signatures=signatures,
+        workers=workers,
     )
 
 
@@ -189,8 +193,9 @@ def verify_source(
 
     for actor, hex_key in source.public_keys.items():
         if keys.get(actor) != bytes.fromhex(hex_key):
-            raise VerificationError(f"the public key listed for {actor!r} is not the one it "
-                                    "registered in the chain")
+            raise VerificationError(
+                f"the public key listed for {actor!r} is not the one it registered in the chain"
+            )
     present, erased_count = _check_payloads(source.payloads, commitments, erased)
     cp_count, cp_size, used_vkey, full_root = _check_checkpoints(
         hashes, source.checkpoints, source.log, vkey, pinned_checkpoints
@@ -335,25 +340,32 @@ def _check_checkpoints(
     full_root = roots[-1]
     for (_row, cp), root in zip(parsed, roots, strict=False):
         if cp.root_hash != root:
-            raise CheckpointError(cp.size, f"its root does not match entries 0..{cp.size - 1}: "
-                                  "history was rewritten")
-    for cp, root in zip(external, roots[len(parsed):], strict=False):
+            raise CheckpointError(
+                cp.size, f"its root does not match entries 0..{cp.size - 1}: history was rewritten"
+            )
+    for cp, root in zip(external, roots[len(parsed) :], strict=False):
         if cp.root_hash != root:
-            raise CheckpointError(cp.size, "the pinned checkpoint's root does not match the "
-                                  f"entries 0..{cp.size - 1}: history was rewritten")
+            raise CheckpointError(
+                cp.size,
+                "the pinned checkpoint's root does not match the "
+                f"entries 0..{cp.size - 1}: history was rewritten",
+            )
     previous: note.Checkpoint | None = None
     for row, cp in parsed:
         if previous is not None and previous.size > 0:
             try:
                 proof = [bytes.fromhex(h) for h in json.loads(row[3] or "[]")]
                 merkle.verify_consistency(
-                    old_size=previous.size, new_size=cp.size, old_root=previous.root_hash,
-                    new_root=cp.root_hash, proof=proof,
+                    old_size=previous.size,
+                    new_size=cp.size,
+                    old_root=previous.root_hash,
+                    new_root=cp.root_hash,
+                    proof=proof,
                 )
             except (VerificationError, LedgerError, ValueError, TypeError) as exc:
                 raise CheckpointError(
-                    cp.size, f"not proven consistent with the checkpoint at size "
-                    f"{previous.size}: {exc}"
+                    cp.size,
+                    f"not proven consistent with the checkpoint at size {previous.size}: {exc}",
                 ) from exc
         previous = cp
     return len(parsed), (parsed[-1][1].size if parsed else 0), vkey or "", full_root
@@ -405,16 +417,21 @@ def read_bundle(path: Path) -> Source:
     try:
         rows = [(int(s), str(b), str(h), str(g)) for s, b, h, g in data["entries"]]
         cps = [
-            (int(c["size"]), str(c["root_hash"]), str(c["note"]),
-             json.dumps(c["consistency_proof"]))
+            (
+                int(c["size"]),
+                str(c["root_hash"]),
+                str(c["note"]),
+                json.dumps(c["consistency_proof"]),
+            )
             for c in data["checkpoints"]
         ]
         public = {str(k): str(v) for k, v in data.get("public_keys", {}).items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise UnreadableError(f"bundle {path} is malformed: {exc}") from exc
     log = (data["origin"], data["vkey"]) if data.get("vkey") else None
-    return Source(rows=rows, checkpoints=cps, log=log, payloads=None, columns=False,
-                  public_keys=public)
+    return Source(
+        rows=rows, checkpoints=cps, log=log, payloads=None, columns=False, public_keys=public
+    )
 
 
 def verify_bundle(path: Path, **kwargs: object) -> Report:

@@ -366,9 +366,7 @@ def _load_vector(
 
 def _pack(c: _Container) -> bytes:
     parts = [
-        HEADER.pack(
-            MAGIC, VERSION, c.payload, c.slot_count, c.length, len(c.chunks), c.context_id
-        )
+        HEADER.pack(MAGIC, VERSION, c.payload, c.slot_count, c.length, len(c.chunks), c.context_id)
     ]
     for chunk in c.chunks:
         parts += [CHUNK_LEN.pack(len(chunk)), chunk]

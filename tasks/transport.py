@@ -173,7 +173,11 @@ def fetch(
         raise IntegrityError(f"artifact {uri} has a signature that is not base64") from exc
     try:
         message = ref_message(
-            job=ref.job, round=ref.round, site=ref.site, kind=ref.kind, sha256=ref.sha256,
+            job=ref.job,
+            round=ref.round,
+            site=ref.site,
+            kind=ref.kind,
+            sha256=ref.sha256,
             size=ref.size,
         )
     except StepError as exc:  # only a reference built without validation gets here

@@ -35,11 +35,18 @@ def url(request, tmp_path):
 
 
 def _event(worker: int, i: int) -> Event:
-    return Event(actor=f"site-{worker}", action=Action.TRAIN, job="conc", round=i,
-                 site=f"site-{worker}", idempotency_key=f"conc/{worker}/{i}",
-                 privacy={"epsilon_cumulative": i / 1000}, details={"i": i},
-                 personal={"note": f"free text {i}"} if i % 100 == 0 else {},
-                 subject=f"subject-{worker}" if i % 100 == 0 else None)
+    return Event(
+        actor=f"site-{worker}",
+        action=Action.TRAIN,
+        job="conc",
+        round=i,
+        site=f"site-{worker}",
+        idempotency_key=f"conc/{worker}/{i}",
+        privacy={"epsilon_cumulative": i / 1000},
+        details={"i": i},
+        personal={"note": f"free text {i}"} if i % 100 == 0 else {},
+        subject=f"subject-{worker}" if i % 100 == 0 else None,
+    )
 
 
 def _appender(url: str, worker: int, start: mp.Event, n: int) -> None:
@@ -74,10 +81,24 @@ def _forever(url: str, ready: mp.Event) -> None:
     ledger = Ledger(url)
     i = 0
     while True:
-        ledger.append_many([(Event(
-            actor="site-k", action=Action.TRAIN, job="kill", round=j, site="site-k",
-            idempotency_key=f"kill/{j}", personal={"note": "x" * 2000}, subject="s"),
-            signer) for j in range(i, i + 50)])
+        ledger.append_many(
+            [
+                (
+                    Event(
+                        actor="site-k",
+                        action=Action.TRAIN,
+                        job="kill",
+                        round=j,
+                        site="site-k",
+                        idempotency_key=f"kill/{j}",
+                        personal={"note": "x" * 2000},
+                        subject="s",
+                    ),
+                    signer,
+                )
+                for j in range(i, i + 50)
+            ]
+        )
         i += 50
         if i >= 100:
             ready.set()
@@ -99,6 +120,8 @@ def test_a_process_killed_mid_append_leaves_no_partial_entry(url):
     assert (report.entries - 1) % 50 == 0 and report.entries > 100
     assert report.personal_fields == report.entries - 1
     # and the ledger keeps working afterwards
-    ledger.append(Event(actor="site-z", action=Action.JOB_END, job="kill",
-                        idempotency_key="kill/end"), keys.generate("site-z"))
+    ledger.append(
+        Event(actor="site-z", action=Action.JOB_END, job="kill", idempotency_key="kill/end"),
+        keys.generate("site-z"),
+    )
     verify_ledger(url)

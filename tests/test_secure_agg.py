@@ -202,7 +202,7 @@ def test_other_key_set_with_forged_header_decrypts_to_detected_garbage(keys, oth
     raw = ts.ckks_vector_from(ts.context_from(secret), chunk).decrypt()
     assert np.max(np.abs(np.asarray(raw) - x)) > 1e6
     my_id = sa.encrypt_update(public, x)[CONTEXT_ID_OFFSET : sa.HEADER.size]
-    body = foreign[:-sa.DIGEST_SIZE]
+    body = foreign[: -sa.DIGEST_SIZE]
     forged = _refinalize(body[:CONTEXT_ID_OFFSET] + my_id + body[sa.HEADER.size :])
     with pytest.raises(IntegrityError, match="another key or overflowed"):
         sa.decrypt_update(secret, forged)
