@@ -136,7 +136,9 @@ def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
         }
         figures |= round_figures(config)
-        figures |= dp_step_benchmark(image_size=fed.model.image_size, batch_size=fed.batch_size)
+        figures |= dp_step_benchmark(
+            image_size=fed.model.image_size, batch_size=fed.batch_size, hidden=fed.model.hidden
+        )
         figures |= ckks_figures(fed)
         figures |= ledger_bench(root / "ledger-bench")
         return figures

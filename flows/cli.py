@@ -252,7 +252,7 @@ def audit_privacy(
     """Membership-inference attack on a job's final global model, at every site: members are
     the site's training patients, non-members its held-out patients. AUC 0.5 = no leak seen."""
     from ledger.store import Ledger
-    from tasks.audit import audit_site
+    from tasks.audit import audit_site, pooled_attack
     from tasks.config import load_config
 
     fed = load_config(config)
@@ -262,13 +262,12 @@ def audit_privacy(
             raise Failure(f"the ledger {fed.ledger_url} has no committed round to audit", 2)
         job = commits[-1]["job"]
     results = [audit_site(fed, job, s.name) for s in fed.sites]
+    pooled = pooled_attack(results)
     dp = Ledger(fed.ledger_url).events(job=job, action="train")
     epsilon = {e["site"]: (e.get("privacy") or {}).get("epsilon_cumulative") for e in dp}
     rows = [
         {
             "site": r.site,
-            "job": r.job,
-            "round": r.round,
             "attack_auc": r.attack.attack_auc,
             "members": r.attack.members,
             "non_members": r.attack.non_members,
@@ -278,14 +277,23 @@ def audit_privacy(
         }
         for r in results
     ]
+    doc = {
+        "job": job,
+        "round": results[0].round,
+        "sites": rows,
+        "pooled": {
+            "attack_auc": pooled.attack_auc,
+            "members": pooled.members,
+            "non_members": pooled.non_members,
+        },
+    }
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
-    table = Table(
-        title=f"membership inference on {job}, round {rows[0]['round']}", box=box.SIMPLE_HEAD
-    )
-    for col in ("site", "attack AUC", "members", "non-members", "train loss", "held-out loss", "ε"):
-        table.add_column(col, justify="left" if col == "site" else "right")
+    table = Table(title=f"membership inference on {job}, round {doc['round']}", box=box.SIMPLE_HEAD)
+    table.add_column("site", no_wrap=True)
+    for col in ("attack AUC", "members", "non-members", "train loss", "held-out loss", "ε"):
+        table.add_column(col, justify="right")
     for r in rows:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         table.add_row(
@@ -297,6 +305,10 @@ def audit_privacy(
             f"{r['heldout_loss']:.3f}",
             eps,
         )
+    table.add_section()
+    table.add_row(
+        "all sites", f"{pooled.attack_auc:.3f}", str(pooled.members), str(pooled.non_members)
+    )
     out.print(table)
 
 

@@ -77,6 +77,18 @@ class SiteAudit:
     attack: AttackResult
     heldout_loss: float
     train_loss: float
+    # Per-patient mean losses (pseudonymous, never printed): what `pooled_attack` combines.
+    member_loss: np.ndarray
+    non_member_loss: np.ndarray
+
+
+def pooled_attack(audits: list[SiteAudit]) -> AttackResult:
+    """One attack over every site's patients at once: more patients, a tighter AUC estimate
+    than any single site's (a site's ~100 patients leave a standard error near 0.03)."""
+    return membership_attack(
+        np.concatenate([a.member_loss for a in audits]),
+        np.concatenate([a.non_member_loss for a in audits]),
+    )
 
 
 def audit_site(fed: FederationConfig, job: str, site: str) -> SiteAudit:
@@ -96,13 +108,15 @@ def audit_site(fed: FederationConfig, job: str, site: str) -> SiteAudit:
     model = models.load_flat(model_for(rc, features), load_array(model_path))
     member = per_sample_loss(model, ds.x_train, ds.y_train)
     non_member = per_sample_loss(model, ds.x_test, ds.y_test)
+    member_patients = per_patient_mean(member, ds.groups_train)
+    non_member_patients = per_patient_mean(non_member, ds.groups_test)
     return SiteAudit(
         site=site,
         job=job,
         round=rc.round,
-        attack=membership_attack(
-            per_patient_mean(member, ds.groups_train), per_patient_mean(non_member, ds.groups_test)
-        ),
+        attack=membership_attack(member_patients, non_member_patients),
         train_loss=float(member.mean()),
         heldout_loss=float(non_member.mean()),
+        member_loss=member_patients,
+        non_member_loss=non_member_patients,
     )

@@ -58,7 +58,14 @@ class SiteConfig(_Strict):
 class ModelConfig(_Strict):
     kind: ModelKind = ModelKind.CNN
     image_size: int = Field(default=32, ge=8, le=512)
-    hidden: int = Field(default=32, ge=1, le=4096)
+    # Hidden units of the head: `mlp` needs at least 1; `cnn` with 0 has a linear head.
+    hidden: int = Field(default=32, ge=0, le=4096)
+
+    @model_validator(mode="after")
+    def _mlp_has_hidden_units(self) -> Self:
+        if self.kind == ModelKind.MLP and self.hidden < 1:
+            raise ValueError("model.hidden must be at least 1 for an mlp")
+        return self
 
 
 class DPConfig(_Strict):

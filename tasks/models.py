@@ -202,29 +202,35 @@ def logistic(*, features: int) -> nn.Module:
     return nn.Sequential(nn.Linear(features, 1))
 
 
-def build(kind: str, *, features: int | None = None, hidden: int = 32) -> nn.Module:
-    """`cnn` is the scatter net with a linear head (`hidden` applies to `mlp` only)."""
+def build(kind: str, *, features: int | None = None, hidden: int = 0) -> nn.Module:
+    """`cnn`: the scatter net, its head linear (`hidden = 0`) or with one hidden layer.
+    `mlp`: tabular features through one hidden layer of `hidden` units. `logistic`."""
+    if hidden < 0:
+        raise StepError(f"hidden units must be non-negative, got {hidden}")
     if kind == "cnn":
-        return scatter_net()
+        return scatter_net(hidden=hidden)
     if features is None or features < 1:
         raise StepError(f"model '{kind}' needs the number of input features")
     if kind == "mlp":
+        if hidden < 1:
+            raise StepError("model 'mlp' needs at least one hidden unit (model.hidden)")
         return mlp(features=features, hidden=hidden)
     if kind == "logistic":
         return logistic(features=features)
     raise StepError(f"unknown model kind '{kind}'")
 
 
-def initial(kind: str, *, seed: int, features: int | None = None, hidden: int = 32) -> nn.Module:
+def initial(kind: str, *, seed: int, features: int | None = None, hidden: int = 0) -> nn.Module:
     """The round-0 global model: identical at every site because it depends only on the seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build(kind, features=features, hidden=hidden)
     if kind == "cnn":
-        # Start the linear head at zero: logit 0 everywhere, so DP noise in the first
-        # steps is not added on top of a random projection of the features.
+        # Start the output layer at zero: logit 0 everywhere, so DP noise in the first steps
+        # is not added on top of a random projection. A hidden layer keeps its seeded random
+        # init (all-zero hidden units would stay identical forever).
         with torch.no_grad():
-            for p in model.parameters():
+            for p in model[-1].parameters():
                 p.zero_()
     return model
 

@@ -109,7 +109,10 @@ class SiteProfile:
     Intensities (``base_intensity``, ``noise_std``, ``texture_std``, ``lesion_contrast``) are
     in the modality's output units (Hounsfield units for CT); the stored pixels are
     ``(value - rescale_intercept) / rescale_slope`` so that the modality LUT recovers them.
-    ``lesion_radius`` is a fraction of the image side.
+    ``lesion_radius`` is a fraction of the image side. ``missed_lesion_rate`` is the share of
+    images showing a lesion whose recorded label says none, as when a report misses a finding:
+    real labels are noisy, and a model trained without DP memorises such patients (which the
+    membership-inference audit then detects).
     """
 
     name: str
@@ -135,12 +138,15 @@ class SiteProfile:
     n_patients: int
     images_per_patient: tuple[int, int]
     image_size: int
+    missed_lesion_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if not _SLUG.fullmatch(self.name):
             raise StepError(f"Site profile name {self.name!r} is not a lowercase slug.")
         if not 0.0 < self.positive_fraction < 1.0:
             raise StepError(f"Site profile {self.name}: positive_fraction must be in (0, 1).")
+        if not 0.0 <= self.missed_lesion_rate < 1.0:
+            raise StepError(f"Site profile {self.name}: missed_lesion_rate must be in [0, 1).")
         if self.n_patients < 2:
             raise StepError(f"Site profile {self.name}: n_patients must be at least 2.")
         low, high = self.images_per_patient
@@ -194,9 +200,10 @@ DEMO_SITES: tuple[SiteProfile, ...] = (
         bone_contrast=16.0,
         lesion_radius=(0.08, 0.14),
         positive_fraction=0.3,
-        n_patients=60,
+        n_patients=300,
         images_per_patient=(3, 5),
         image_size=64,
+        missed_lesion_rate=0.3,
     ),
     SiteProfile(
         name="northfield",
@@ -219,9 +226,10 @@ DEMO_SITES: tuple[SiteProfile, ...] = (
         bone_contrast=24.0,
         lesion_radius=(0.07, 0.13),
         positive_fraction=0.5,
-        n_patients=50,
+        n_patients=250,
         images_per_patient=(3, 5),
         image_size=96,
+        missed_lesion_rate=0.3,
     ),
     SiteProfile(
         name="lakeside",
@@ -244,9 +252,10 @@ DEMO_SITES: tuple[SiteProfile, ...] = (
         bone_contrast=12.0,
         lesion_radius=(0.08, 0.15),
         positive_fraction=0.4,
-        n_patients=80,
+        n_patients=400,
         images_per_patient=(3, 5),
         image_size=64,
+        missed_lesion_rate=0.3,
     ),
 )
 
@@ -505,6 +514,10 @@ def write_dicom_cohort(profile: SiteProfile, out_dir: Path, *, seed: int) -> Pat
     labels = np.zeros(n_images, dtype=np.int64)
     labels[: round(profile.positive_fraction * n_images)] = 1
     labels = rng.permutation(labels)
+    # Recorded labels: a separate stream, so the images do not depend on the miss rate.
+    miss_draw = _rng(seed, "missed-lesions", profile.name).random(n_images)
+    missed = miss_draw < profile.missed_lesion_rate
+    recorded = np.where(missed, 0, labels)
 
     rows: list[tuple[str, int]] = []
     with _staging_dir(out_dir) as staging:
@@ -529,7 +542,7 @@ def write_dicom_cohort(profile: SiteProfile, out_dir: Path, *, seed: int) -> Pat
                 )
                 name = IMAGE_NAME_FORMAT.format(index)
                 ds.save_as(staging / name, enforce_file_format=True)
-                rows.append((name, label))
+                rows.append((name, int(recorded[index])))
                 index += 1
         (staging / MANIFEST_NAME).write_text(_csv_text(MANIFEST_HEADER, rows), encoding="utf-8")
         if out_dir.is_dir():

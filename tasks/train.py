@@ -349,9 +349,11 @@ def dp_step_benchmark(
     images_per_patient: int = 4,
     grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS,
     seed: int = 0,
+    hidden: int = 0,
 ) -> dict[str, float]:
-    """Time one patient-level DP-SGD step against one plain SGD step of the demo model
-    (`models.build("cnn")`) on the same batch, in this process; and their peak memory.
+    """Time one patient-level DP-SGD step against one plain SGD step of the image model
+    (`models.build("cnn", hidden=hidden)`) on the same batch, in this process; and their
+    peak memory.
 
     Steps alternate (plain, DP, plain, ...) after a warm-up so drift hits both alike; times
     are medians. A full step runs the whole model (the fixed front-end forward included);
@@ -376,11 +378,14 @@ def dp_step_benchmark(
         grad_sample_mode=grad_sample_mode,
     )
     figures: dict[str, float] = {}
-    full = scatter_net().to(device)
-    head, feats = split_frozen(scatter_net().to(device), x)
+
+    def net() -> nn.Module:
+        return scatter_net(hidden=hidden).to(device)
+
+    head, feats = split_frozen(net(), x)
     for prefix, (plain_model, dp_model, inputs) in {
-        "": (full, scatter_net().to(device), x),
-        "head_": (head, split_frozen(scatter_net().to(device), x)[0], feats),
+        "": (net(), net(), x),
+        "head_": (head, split_frozen(net(), x)[0], feats),
     }.items():
         sgd = torch.optim.SGD(plain_model.parameters(), lr=0.1)
 

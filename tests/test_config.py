@@ -48,6 +48,13 @@ def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
         (lambda t: t.replace('name = "site-b"', 'name = "site-a"'), "site names must be unique"),
         (lambda t: t.replace('name = "site-b"', 'name = "Site B!"'), "sites.1.name"),
         (lambda t: t.replace('kind = "cnn"', 'kind = "mlp"'), "model.kind"),
+        (lambda t: t.replace("hidden = 64", "hidden = -1"), "model.hidden"),
+        (
+            lambda t: t.replace('kind = "cnn"', 'kind = "mlp"').replace(
+                "hidden = 64", "hidden = 0"
+            ),
+            "model.hidden",
+        ),
         (lambda t: t.split("[[sites]]")[0], "sites"),
     ],
 )

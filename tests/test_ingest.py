@@ -145,12 +145,35 @@ def test_cohort_sizes_and_class_balance_follow_the_profile(demo: dict[str, Path]
         files = sorted(p.name for p in demo[profile.name].glob("*.dcm"))
         assert files == sorted(r["file"] for r in rows)
         positive = np.mean([int(r["label"]) for r in rows])
-        assert abs(positive - profile.positive_fraction) < 0.02
+        recorded = profile.positive_fraction * (1 - profile.missed_lesion_rate)
+        assert abs(positive - recorded) < 0.03
         ids = {
             pydicom.dcmread(demo[profile.name] / r["file"], stop_before_pixels=True).PatientID
             for r in rows
         }
         assert len(ids) == profile.n_patients
+
+
+def test_missed_lesions_only_change_recorded_labels(tmp_path: Path) -> None:
+    clean = dataclasses.replace(SMALL, missed_lesion_rate=0.0, n_patients=12)
+    noisy = dataclasses.replace(clean, missed_lesion_rate=0.5)
+    a = write_dicom_cohort(clean, tmp_path / "clean", seed=3)
+    b = write_dicom_cohort(noisy, tmp_path / "noisy", seed=3)
+    truth = {r["file"]: int(r["label"]) for r in _manifest(a)}
+    recorded = {r["file"]: int(r["label"]) for r in _manifest(b)}
+    assert truth.keys() == recorded.keys()
+    missed = [f for f in truth if truth[f] != recorded[f]]
+    assert missed and all(truth[f] == 1 and recorded[f] == 0 for f in missed)  # 1 -> 0 only
+    positives = sum(truth.values())
+    assert 0.2 < len(missed) / positives < 0.8
+    for name in missed[:3]:  # the image still shows its lesion: same pixels as the clean cohort
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_missed_lesion_rate_is_a_fraction(rate: float) -> None:
+    with pytest.raises(StepError, match="missed_lesion_rate"):
+        dataclasses.replace(SMALL, missed_lesion_rate=rate)
 
 
 def test_cohort_is_deterministic_under_the_seed(tmp_path: Path, small: Path) -> None:

@@ -34,6 +34,21 @@ def test_cnn_trains_only_its_head_and_is_identical_everywhere() -> None:
     torch.testing.assert_close(a[0](x), b[0](x))
 
 
+def test_hidden_head_starts_with_zero_output_and_seeded_hidden_layer() -> None:
+    a = models.initial("cnn", seed=1, hidden=8)
+    b = models.initial("cnn", seed=1, hidden=8)
+    assert models.n_params(a) == (a[0].out_features + 1) * 8 + 8 + 1
+    np.testing.assert_array_equal(models.flat_params(a), models.flat_params(b))  # every site
+    hidden, out = a[1], a[-1]
+    assert torch.all(out.weight == 0) and torch.all(out.bias == 0)  # logit 0 at round 0
+    assert hidden.weight.std() > 0  # not zero: zero hidden units would never differ
+
+
+def test_mlp_needs_hidden_units() -> None:
+    with pytest.raises(StepError, match="hidden unit"):
+        models.build("mlp", features=4, hidden=0)
+
+
 def test_features_are_centred_on_the_reference_images() -> None:
     front = models.ScatterFrontEnd()
     ref = torch.as_tensor(models.reference_images(channels=1, height=24, width=24))
@@ -53,12 +68,12 @@ def test_front_end_rejects_wrong_input() -> None:
 def test_frozen_prefix() -> None:
     assert models.frozen_prefix(models.build("cnn")) == 1
     assert models.frozen_prefix(models.small_cnn()) == 0
-    assert models.frozen_prefix(models.build("mlp", features=4)) == 0
+    assert models.frozen_prefix(models.build("mlp", features=4, hidden=8)) == 0
     assert models.frozen_prefix(nn.Linear(2, 1)) == 0
 
 
 @pytest.mark.parametrize(
-    "model", [models.build("cnn"), models.small_cnn(), models.build("mlp", features=3)]
+    "model", [models.build("cnn"), models.small_cnn(), models.build("mlp", features=3, hidden=8)]
 )
 def test_models_pass_opacus_validation(model: nn.Module) -> None:
     assert ModuleValidator.validate(model, strict=False) == []
