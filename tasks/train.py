@@ -1,11 +1,15 @@
-"""Local training at a site: torch on CUDA when present, patient-level DP-SGD through Opacus.
+"""Local training at a site: torch on CUDA when present, patient-level DP-SGD.
 
 The unit of privacy is the patient. With DP on, each step Poisson-samples PATIENTS (each one
 independently with probability `sample_rate`) and takes every image of the sampled patients;
-Opacus computes per-image gradients, which are summed per patient, and each patient's sum is
-clipped to `max_grad_norm` as ONE unit before Opacus' DPOptimizer adds Gaussian noise. A
-patient with fifty images therefore moves a step no further than a patient with one, and
-the release (noise multiplier, patient sample rate, steps) is accounted per patient.
+the gradient of each sampled patient's images, summed, is clipped to `max_grad_norm` as ONE
+unit, and Gaussian noise of std `noise_multiplier * max_grad_norm` is added to the sum of the
+clipped patient gradients. A patient with fifty images therefore moves a step no further than
+a patient with one, and the release (noise multiplier, patient sample rate, steps) is
+accounted per patient by Opacus' accountants (`tasks.privacy`).
+
+Per-patient clipping is group-aware ghost clipping for Linear heads (`GhostClipper`), or
+Opacus' per-image gradients summed per patient for any other layer (`OpacusClipper`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from enum import StrEnum
 import numpy as np
 import torch
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -41,9 +44,17 @@ _FEATURE_CHUNK = 512  # images per forward pass through a frozen front-end
 
 
 class GradSampleMode(StrEnum):
-    """How Opacus computes per-sample gradients (ghost clipping never materialises them, so
-    it cannot sum a patient's images before clipping and is not offered)."""
+    """How a patient's clipped gradient is computed.
 
+    `ghost`: group-aware ghost clipping, for heads made of Linear layers and parameter-free
+    per-sample modules (every model medfed builds): each patient's gradient norm comes from
+    the Gram matrices of the layers' inputs and output gradients, so no per-image or
+    per-patient gradient is ever materialised. Opacus' own ghost clipping clips each IMAGE and
+    cannot clip a patient's sum, hence this. Other layers fall back to `hooks`.
+    `hooks` / `functorch`: Opacus' GradSampleModule computes per-image gradients, which are
+    summed per patient and clipped."""
+
+    GHOST = "ghost"
     HOOKS = "hooks"
     FUNCTORCH = "functorch"
 
@@ -59,7 +70,7 @@ class TrainSettings:
     noise_multiplier: float | None
     # Per-PATIENT clip: bound on the L2 norm of the sum of one patient's image gradients.
     max_grad_norm: float = 1.0
-    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+    grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -154,65 +165,176 @@ def split_frozen(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Te
     return rest, feats
 
 
-def dp_parts(
-    module: nn.Module,
-    settings: TrainSettings,
-    *,
-    expected_batch: float,
-    generator: torch.Generator | None,
-) -> tuple[GradSampleModule, DPOptimizer]:
-    """Opacus' per-sample-gradient wrapper and DP optimizer for `module`.
-
-    The wrapper reports each image's own gradient (loss reduction "sum"); the optimizer
-    clips per row of `grad_sample` (we put one row per patient there), adds
-    N(0, (noise * clip)^2) and divides by the expected number of patients per step."""
-    assert settings.noise_multiplier is not None
-    gsm = GradSampleModule(
-        module,
-        batch_first=True,
-        loss_reduction="sum",
-        strict=True,
-        force_functorch=settings.grad_sample_mode == GradSampleMode.FUNCTORCH,
-    )
-    optimizer = DPOptimizer(
-        torch.optim.SGD(module.parameters(), lr=settings.learning_rate, momentum=0.0),
-        noise_multiplier=settings.noise_multiplier,
-        max_grad_norm=settings.max_grad_norm,
-        expected_batch_size=expected_batch,  # type: ignore[arg-type]  # a float divides fine
-        loss_reduction="mean",
-        generator=generator,
-    )
-    return gsm, optimizer
+def ghost_clippable(module: nn.Module) -> bool:
+    """A Sequential whose parameters all sit in trainable Linear layers; every other module
+    is parameter-free (ReLU, Flatten, ...). Opacus' validator has already ruled out modules
+    that mix samples (BatchNorm)."""
+    if not isinstance(module, nn.Sequential):
+        return False
+    has_linear = False
+    for m in module:
+        if isinstance(m, nn.Linear):
+            if not all(p.requires_grad for p in m.parameters()):
+                return False
+            has_linear = True
+        elif any(True for _ in m.parameters()):
+            return False
+    return has_linear
 
 
-def dp_step(
-    gsm: GradSampleModule,
-    optimizer: DPOptimizer,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    owner: torch.Tensor,
-    n_units: int,
-) -> float:
-    """One patient-level DP-SGD step. `owner[i]` (0..n_units-1) is the sampled patient whose
-    image `xb[i]` is; an empty batch still takes a noisy step, as the accountant assumes."""
-    optimizer.zero_grad(set_to_none=True)
-    params = [p for p in gsm.parameters() if p.requires_grad]
-    loss_value = float("nan")
-    if len(xb):
-        loss = nn.functional.binary_cross_entropy_with_logits(
-            gsm(xb).squeeze(1), yb, reduction="sum"
+def _clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    # Opacus' clipping rule: C / (norm + 1e-6), at most 1.
+    return (max_grad_norm / (sq_norms.clamp_min(0).sqrt() + 1e-6)).clamp(max=1.0)
+
+
+def _sum_loss(logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), yb, reduction="sum")
+
+
+class GhostClipper:
+    """The sum over patients of each patient's clipped gradient, one tensor per parameter.
+
+    For a Linear layer, image i's weight gradient is g_i a_i^T (g: gradient of the loss at
+    the layer's output, a: its input; the bias adds g_i), so patient P's gradient has squared
+    norm sum_{i,j in P} (g_i . g_j)(a_i . a_j + 1), summed over layers: two small Gram
+    matrices per layer instead of one gradient per image. The clipped sum is then one matmul
+    with each image's output gradient scaled by its patient's clip factor."""
+
+    def __init__(self, module: nn.Sequential, max_grad_norm: float) -> None:
+        self.module = module
+        self.max_grad_norm = max_grad_norm
+        self.linears = [m for m in module if isinstance(m, nn.Linear)]
+        # The order of `module.parameters()`: each Linear's weight, then its bias.
+        self.params = [p for m in self.linears for p in m.parameters()]
+
+    def __call__(
+        self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int
+    ) -> tuple[list[torch.Tensor], float]:
+        inputs, outputs = [], []
+        h = xb
+        for m in self.module:
+            if isinstance(m, nn.Linear):
+                if h.ndim != 2:
+                    raise StepError(
+                        f"ghost clipping needs 2-D inputs to Linear layers, got {tuple(h.shape)}"
+                    )
+                inputs.append(h)
+                h = m(h)
+                outputs.append(h)
+            else:
+                h = m(h)
+        loss = _sum_loss(h, yb)
+        out_grads = torch.autograd.grad(loss, outputs)
+        with torch.no_grad():
+            same_patient = owner[:, None] == owner[None, :]
+            pair = sum(
+                (g @ g.T) * (a @ a.T + (0.0 if m.bias is None else 1.0))
+                for m, g, a in zip(self.linears, out_grads, inputs, strict=True)
+            )
+            sq_norms = pair.new_zeros(n_units).index_add_(
+                0, owner, (pair * same_patient).sum(dim=1)
+            )
+            scale = _clip_factors(sq_norms, self.max_grad_norm)[owner].unsqueeze(1)
+            grads = []
+            for m, g, a in zip(self.linears, out_grads, inputs, strict=True):
+                scaled = scale * g
+                grads.append(scaled.T @ a)
+                if m.bias is not None:
+                    grads.append(scaled.sum(dim=0))
+        return grads, float(loss.detach()) / len(xb)
+
+    def close(self) -> None:
+        pass
+
+
+class OpacusClipper:
+    """The same contract through Opacus' per-image gradients (hooks or functorch): summed per
+    patient, clipped per patient, summed. For layers ghost clipping does not cover."""
+
+    def __init__(self, module: nn.Module, max_grad_norm: float, *, functorch: bool) -> None:
+        self.gsm = GradSampleModule(
+            module, batch_first=True, loss_reduction="sum", strict=True, force_functorch=functorch
         )
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __call__(
+        self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int
+    ) -> tuple[list[torch.Tensor], float]:
+        loss = _sum_loss(self.gsm(xb), yb)
         loss.backward()
-        loss_value = float(loss.detach()) / len(xb)
-        for p in params:
-            per_image = p.grad_sample
-            per_patient = per_image.new_zeros((n_units, *per_image.shape[1:]))
-            p.grad_sample = per_patient.index_add_(0, owner, per_image)
-    else:
-        for p in params:
-            p.grad_sample = p.new_zeros((0, *p.shape))
-    optimizer.step()
-    return loss_value
+        with torch.no_grad():
+            per_patient = []
+            for p in self.params:
+                per_image = p.grad_sample
+                p.grad_sample = None  # Opacus accumulates across backward passes otherwise
+                per_patient.append(
+                    per_image.new_zeros((n_units, *per_image.shape[1:])).index_add_(
+                        0, owner, per_image
+                    )
+                )
+                p.grad = None
+            sq_norms = sum(g.flatten(1).square().sum(dim=1) for g in per_patient)
+            factor = _clip_factors(sq_norms, self.max_grad_norm)
+            grads = [torch.einsum("u,u...->...", factor, g) for g in per_patient]
+        return grads, float(loss.detach()) / len(xb)
+
+    def close(self) -> None:
+        self.gsm.to_standard_module()  # removes the hooks
+
+
+class PatientDPSGD:
+    """One patient-level DP-SGD step: the clipped per-patient gradient sum (a clipper above),
+    plus N(0, (noise * clip)^2) per coordinate, divided by the expected number of patients
+    per step (as Opacus' DPOptimizer does with loss_reduction "mean"), then a plain SGD
+    update. Noise is drawn in one call for all parameters."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        settings: TrainSettings,
+        *,
+        expected_batch: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        if settings.noise_multiplier is None:
+            raise StepError("DP-SGD needs a noise multiplier")
+        if not expected_batch > 0:
+            raise StepError("DP-SGD needs a positive expected batch size")
+        mode = settings.grad_sample_mode
+        if mode == GradSampleMode.GHOST and ghost_clippable(module):
+            self.clipper: GhostClipper | OpacusClipper = GhostClipper(
+                module, settings.max_grad_norm
+            )
+        else:
+            self.clipper = OpacusClipper(
+                module, settings.max_grad_norm, functorch=mode == GradSampleMode.FUNCTORCH
+            )
+        self.params = self.clipper.params
+        self.sizes = [p.numel() for p in self.params]
+        self.noise_std = settings.noise_multiplier * settings.max_grad_norm
+        self.step_size = settings.learning_rate / expected_batch
+        self.generator = generator
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int) -> float:
+        """`owner[i]` (0..n_units-1) is the sampled patient whose image `xb[i]` is. An empty
+        batch still takes a noisy step, as the accountant assumes. Returns the mean loss per
+        image (NaN for an empty batch)."""
+        if len(xb):
+            grads, loss = self.clipper(xb, yb, owner, n_units)
+        else:
+            grads, loss = [torch.zeros_like(p) for p in self.params], float("nan")
+        device = self.params[0].device
+        noise = torch.normal(
+            0.0, self.noise_std, (sum(self.sizes),), device=device, generator=self.generator
+        )
+        with torch.no_grad():
+            for p, g, z in zip(self.params, grads, noise.split(self.sizes), strict=True):
+                p.add_(g.add_(z.view_as(g)), alpha=-self.step_size)
+        return loss
+
+    def close(self) -> None:
+        self.clipper.close()
 
 
 def train_local(
@@ -251,7 +373,7 @@ def train_local(
         release = patient_release(n_patients=index.n_patients, settings=settings)
         generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         q = release.sample_rate
-        gsm, optimizer = dp_parts(
+        dpsgd = PatientDPSGD(
             trainable, settings, expected_batch=q * index.n_patients, generator=generator
         )
         for _ in range(release.steps):
@@ -263,10 +385,10 @@ def train_local(
             owner = torch.as_tensor(
                 np.repeat(np.arange(len(chosen)), [len(r) for r in rows]), device=device
             )
-            loss = dp_step(gsm, optimizer, xs[take], ys[take], owner, len(chosen))
+            loss = dpsgd.step(xs[take], ys[take], owner, len(chosen))
             if np.isfinite(loss):
                 losses.append(loss)
-        gsm.to_standard_module()  # removes the hooks and per-sample gradients
+        dpsgd.close()
     else:
         optimizer = torch.optim.SGD(trainable.parameters(), lr=settings.learning_rate, momentum=0.0)
         for _ in range(settings.epochs):
@@ -332,100 +454,109 @@ class _LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def _median_seconds(step: Callable[[], object], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
+def _step_figures(
+    make: Callable[[], nn.Module],
+    inputs: torch.Tensor,
+    y: torch.Tensor,
+    owner: torch.Tensor,
+    settings: TrainSettings,
+    repeats: int,
+) -> dict[str, float]:
+    """Median seconds and peak tensor bytes of a plain SGD step and a patient-level DP-SGD
+    step of two fresh copies of one model on the same batch; steps alternate after a warm-up
+    so drift hits both alike."""
+    n_units = int(owner.max()) + 1
+    plain_model = make()
+    sgd = torch.optim.SGD(plain_model.parameters(), lr=settings.learning_rate)
+
+    def plain_step() -> None:
+        sgd.zero_grad(set_to_none=True)
+        nn.functional.binary_cross_entropy_with_logits(plain_model(inputs).squeeze(1), y).backward()
+        sgd.step()
+
+    dpsgd = PatientDPSGD(
+        make(),
+        settings,
+        expected_batch=float(n_units),
+        generator=torch.Generator(device=inputs.device),
+    )
+
+    def private_step() -> None:
+        dpsgd.step(inputs, y, owner, n_units)
+
+    times: dict[Callable[[], None], list[float]] = {plain_step: [], private_step: []}
+    for i in range(3 + repeats):
+        for step, seconds in times.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= 3:
+                seconds.append(time.perf_counter() - t0)
+    peaks = []
+    for step in times:
+        with _LiveTensorBytes() as tracker:
+            step()
+        peaks.append(tracker.peak)
+    dpsgd.close()
+    plain_s, dp_s = (float(np.median(t)) for t in times.values())
+    return {
+        "plain_step_seconds": plain_s,
+        "dp_step_seconds": dp_s,
+        "dp_step_time_ratio": dp_s / plain_s,
+        "plain_peak_bytes": float(peaks[0]),
+        "dp_peak_bytes": float(peaks[1]),
+        "dp_peak_memory_ratio": float(peaks[1] / peaks[0]),
+    }
 
 
 def dp_step_benchmark(
     *,
     image_size: int = 32,
-    batch_size: int = 32,
-    repeats: int = 30,
+    patients: int = 16,
     images_per_patient: int = 4,
-    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS,
+    repeats: int = 30,
     seed: int = 0,
     hidden: int = 0,
 ) -> dict[str, float]:
-    """Time one patient-level DP-SGD step against one plain SGD step of the image model
-    (`models.build("cnn", hidden=hidden)`) on the same batch, in this process; and their
-    peak memory.
+    """Patient-level DP-SGD step vs plain SGD step of the image model
+    (`models.build("cnn", hidden=hidden)`) on one batch of `patients` x `images_per_patient`
+    images, in this process: median seconds and peak memory of each.
 
-    Steps alternate (plain, DP, plain, ...) after a warm-up so drift hits both alike; times
-    are medians. A full step runs the whole model (the fixed front-end forward included);
-    `head_*` figures time what `train_local` actually runs, with front-end features computed
-    once. Memory: peak bytes of tensors alive at once during one step (see
-    `_LiveTensorBytes`). No GPU needed; on CUDA the same code runs on the GPU.
+    Unprefixed figures time what `train_local` runs: the trainable head on front-end
+    features computed once, with the default (ghost) clipping. `opacus_hooks_*`: the same
+    head through Opacus' per-image hooks. `full_model_*`: the whole model, the fixed
+    front-end forward included, in every step. Memory: peak bytes of tensors alive at once
+    during one step (see `_LiveTensorBytes`). On CUDA the same code runs on the GPU.
     """
-    if image_size < 8 or batch_size < 1 or repeats < 1 or images_per_patient < 1:
-        raise StepError("benchmark needs image_size >= 8 and positive batch, repeats, images")
+    if image_size < 8 or patients < 1 or repeats < 1 or images_per_patient < 1:
+        raise StepError("benchmark needs image_size >= 8 and positive patients, images and repeats")
     device = pick_device()
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch_size, 1, image_size, image_size, generator=gen).to(device)
-    y = (torch.rand(batch_size, generator=gen) < 0.4).float().to(device)
-    owner = (torch.arange(batch_size) // images_per_patient).to(device)
-    n_units = int(owner.max()) + 1
-    settings = TrainSettings(
-        epochs=1,
-        batch_size=n_units,
-        learning_rate=0.1,
-        seed=seed,
-        noise_multiplier=1.0,
-        grad_sample_mode=grad_sample_mode,
-    )
-    figures: dict[str, float] = {}
+    n = patients * images_per_patient
+    x = torch.rand(n, 1, image_size, image_size, generator=gen).to(device)
+    y = (torch.rand(n, generator=gen) < 0.4).float().to(device)
+    owner = (torch.arange(n) // images_per_patient).to(device)
 
     def net() -> nn.Module:
         return scatter_net(hidden=hidden).to(device)
 
-    head, feats = split_frozen(net(), x)
-    for prefix, (plain_model, dp_model, inputs) in {
-        "": (net(), net(), x),
-        "head_": (head, split_frozen(net(), x)[0], feats),
-    }.items():
-        sgd = torch.optim.SGD(plain_model.parameters(), lr=0.1)
+    def head() -> nn.Module:
+        return split_frozen(net(), x[:1])[0]
 
-        def plain_step(
-            model: nn.Module = plain_model,
-            opt: torch.optim.Optimizer = sgd,
-            xb: torch.Tensor = inputs,
-        ) -> None:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.binary_cross_entropy_with_logits(model(xb).squeeze(1), y).backward()
-            opt.step()
-
-        gsm, dpopt = dp_parts(
-            dp_model,
-            settings,
-            expected_batch=float(n_units),
-            generator=torch.Generator(device=device),
+    _, feats = split_frozen(net(), x)
+    figures: dict[str, float] = {}
+    for prefix, make, inputs, mode in (
+        ("", head, feats, GradSampleMode.GHOST),
+        ("opacus_hooks_", head, feats, GradSampleMode.HOOKS),
+        ("full_model_", net, x, GradSampleMode.GHOST),
+    ):
+        settings = TrainSettings(
+            epochs=1,
+            batch_size=patients,
+            learning_rate=0.1,
+            seed=seed,
+            noise_multiplier=1.0,
+            grad_sample_mode=mode,
         )
-
-        def private_step(
-            xb: torch.Tensor = inputs, g: GradSampleModule = gsm, o: DPOptimizer = dpopt
-        ) -> None:
-            dp_step(g, o, xb, y, owner, n_units)
-
-        for _ in range(3):
-            plain_step(), private_step()
-        plain_t, dp_t = [], []
-        for _ in range(repeats):
-            plain_t += _median_seconds(plain_step, 1)
-            dp_t += _median_seconds(private_step, 1)
-        peaks = []
-        for step in (plain_step, private_step):
-            with _LiveTensorBytes() as tracker:
-                step()
-            peaks.append(tracker.peak)
-        gsm.to_standard_module()
-        figures[f"{prefix}plain_step_seconds"] = float(np.median(plain_t))
-        figures[f"{prefix}dp_step_seconds"] = float(np.median(dp_t))
-        figures[f"{prefix}dp_step_time_ratio"] = float(np.median(dp_t) / np.median(plain_t))
-        figures[f"{prefix}plain_peak_bytes"] = float(peaks[0])
-        figures[f"{prefix}dp_peak_bytes"] = float(peaks[1])
-        figures[f"{prefix}dp_peak_memory_ratio"] = float(peaks[1] / peaks[0])
+        step = _step_figures(make, inputs, y, owner, settings, repeats)
+        figures |= {prefix + k: v for k, v in step.items()}
     return figures

@@ -11,11 +11,13 @@ from torch import nn
 from tasks import StepError, models
 from tasks.privacy import Release, planned_release
 from tasks.train import (
+    GhostClipper,
     GradSampleMode,
+    OpacusClipper,
+    PatientDPSGD,
     TrainSettings,
-    dp_parts,
-    dp_step,
     dp_step_benchmark,
+    ghost_clippable,
     patient_index,
     patient_release,
     split_frozen,
@@ -66,15 +68,20 @@ def _train(x, y, groups, settings) -> np.ndarray:
 # ---------------------------------------------------------------- the patient is the unit
 
 
+@pytest.mark.parametrize("mode", list(GradSampleMode))
 @pytest.mark.parametrize("per_patient", [True, False])
-def test_one_step_sensitivity_to_a_patient_with_50_images(per_patient: bool) -> None:
+def test_one_step_sensitivity_to_a_patient_with_50_images(
+    per_patient: bool, mode: GradSampleMode
+) -> None:
     """Adding a patient with 50 images moves one noiseless step by at most lr * C / E when
     the patient is clipped as one unit; clipping each image alone (the control) lets the
     same patient move it ~50 times further, so this test fails for image-level DP."""
     lr, clip = 0.5, 1.0
     x, y, g = _cohort(10, 3)
     x2, y2, g2 = _with_heavy_patient(x, y, g, 50)
-    settings = _settings(learning_rate=lr, max_grad_norm=clip, noise_multiplier=1e-9)
+    settings = _settings(
+        learning_rate=lr, max_grad_norm=clip, noise_multiplier=1e-9, grad_sample_mode=mode
+    )
     expected = 11.0  # patients per step the optimizer divides by, the same in both runs
 
     def one_step(xs: np.ndarray, ys: np.ndarray, gs: np.ndarray) -> torch.Tensor:
@@ -82,14 +89,14 @@ def test_one_step_sensitivity_to_a_patient_with_50_images(per_patient: bool) -> 
         with torch.no_grad():
             model[0].weight.fill_(0.1)
             model[0].bias.zero_()
-        gsm, opt = dp_parts(
+        dpsgd = PatientDPSGD(
             model, settings, expected_batch=expected, generator=torch.Generator().manual_seed(0)
         )
         owner = torch.as_tensor(
             np.unique(gs, return_inverse=True)[1] if per_patient else np.arange(len(gs))
         )
-        dp_step(gsm, opt, torch.as_tensor(xs), torch.as_tensor(ys), owner, int(owner.max()) + 1)
-        gsm.to_standard_module()
+        dpsgd.step(torch.as_tensor(xs), torch.as_tensor(ys), owner, int(owner.max()) + 1)
+        dpsgd.close()
         return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
 
     moved = float((one_step(x2, y2, g2) - one_step(x, y, g)).norm())
@@ -162,14 +169,18 @@ def test_groups_are_required() -> None:
         train_local(models.logistic(features=FEATURES), x, y, _settings())  # type: ignore[call-arg]
 
 
-def test_an_empty_poisson_batch_still_takes_a_noisy_step() -> None:
+@pytest.mark.parametrize("mode", list(GradSampleMode))
+def test_an_empty_poisson_batch_still_takes_a_noisy_step(mode: GradSampleMode) -> None:
     model = models.logistic(features=FEATURES)
     before = models.flat_params(model)
-    gsm, opt = dp_parts(
-        model, _settings(), expected_batch=4.0, generator=torch.Generator().manual_seed(0)
+    dpsgd = PatientDPSGD(
+        model,
+        _settings(grad_sample_mode=mode),
+        expected_batch=4.0,
+        generator=torch.Generator().manual_seed(0),
     )
-    loss = dp_step(
-        gsm, opt, torch.zeros(0, FEATURES), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0
+    loss = dpsgd.step(
+        torch.zeros(0, FEATURES), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0
     )
     assert np.isnan(loss)
     assert np.linalg.norm(models.flat_params(model) - before) > 0  # noise was added
@@ -191,6 +202,81 @@ def test_settings_are_checked() -> None:
         _settings(learning_rate=float("nan"))
     with pytest.raises(StepError):
         _settings(max_grad_norm=0.0)
+
+
+# ---------------------------------------------------------------- ghost clipping
+
+
+def _reference_clipped_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, clip: float
+) -> list[torch.Tensor]:
+    """Brute force: each patient's summed-loss gradient by its own backward pass, clipped
+    with Opacus' rule, summed over patients."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for unit in owner.unique():
+        rows = owner == unit
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            model(x[rows]).squeeze(1), y[rows], reduction="sum"
+        )
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    return total
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: models.mlp(features=FEATURES, hidden=7),
+        lambda: models.logistic(features=FEATURES),
+        lambda: nn.Sequential(nn.Linear(FEATURES, 5, bias=False), nn.Tanh(), nn.Linear(5, 1)),
+    ],
+    ids=["mlp", "logistic", "no-bias-tanh"],
+)
+@pytest.mark.parametrize("clip", [0.05, 1.0, 100.0])
+def test_every_clipper_gives_the_brute_force_patient_clipped_sum(make, clip: float) -> None:
+    """Ghost clipping (Gram matrices), Opacus hooks and functorch (per-image gradients summed
+    per patient) all equal one backward pass per patient, clipped and summed: with uneven
+    patients, unsorted owners, small clips (every patient clipped) and large (none)."""
+    torch.manual_seed(0)
+    model = make()
+    n = 23
+    x = torch.randn(n, FEATURES) * 3
+    y = (torch.rand(n) < 0.5).float()
+    owner = torch.as_tensor(np.random.default_rng(0).integers(0, 6, n))
+    owner = torch.as_tensor(np.unique(owner, return_inverse=True)[1])
+    want = _reference_clipped_sum(model, x, y, owner, clip)
+    n_units = int(owner.max()) + 1
+    assert ghost_clippable(model)
+    for make_clipper in (
+        lambda: GhostClipper(model, clip),
+        lambda: OpacusClipper(model, clip, functorch=False),
+        lambda: OpacusClipper(model, clip, functorch=True),
+    ):
+        clipper = make_clipper()  # one at a time: Opacus' hooks stay on the model until close
+        got, loss = clipper(x, y, owner, n_units)
+        clipper.close()
+        assert np.isfinite(loss)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_ghost_clipping_covers_the_demo_head_and_falls_back_elsewhere() -> None:
+    head, _ = split_frozen(models.initial("cnn", seed=0, hidden=8), torch.rand(2, 1, 16, 16))
+    assert ghost_clippable(head) and ghost_clippable(models.initial("cnn", seed=0))
+    assert ghost_clippable(models.mlp(features=3, hidden=4))
+    # Parameters outside Linear layers: Opacus' per-image gradients instead.
+    assert not ghost_clippable(models.small_cnn())
+    assert not ghost_clippable(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1)))
+    settings = _settings(grad_sample_mode=GradSampleMode.GHOST)
+    dpsgd = PatientDPSGD(models.small_cnn(), settings, expected_batch=2.0, generator=None)
+    assert isinstance(dpsgd.clipper, OpacusClipper)
+    dpsgd.close()
+    frozen = models.mlp(features=3, hidden=4)
+    frozen[0].weight.requires_grad_(False)
+    assert not ghost_clippable(frozen)
 
 
 # ---------------------------------------------------------------- it learns
@@ -236,16 +322,14 @@ def test_cnn_trains_with_patient_level_dp() -> None:
 
 
 def test_benchmark_reports_its_figures() -> None:
-    figures = dp_step_benchmark(image_size=16, batch_size=8, repeats=1)
-    for key in (
-        "dp_step_seconds",
-        "plain_step_seconds",
-        "dp_step_time_ratio",
-        "dp_peak_memory_ratio",
-    ):
-        assert figures[key] > 0
-    # DP keeps per-patient gradients and noise that plain SGD does not.
-    assert figures["head_dp_peak_bytes"] > figures["head_plain_peak_bytes"]
+    figures = dp_step_benchmark(image_size=16, patients=2, images_per_patient=4, repeats=1)
+    for prefix in ("", "opacus_hooks_", "full_model_"):
+        for key in ("dp_step_seconds", "plain_step_seconds", "dp_step_time_ratio"):
+            assert figures[prefix + key] > 0
+    # DP keeps Gram matrices and noise that plain SGD does not; Opacus' hooks keep one
+    # gradient per image, far more than ghost clipping's Gram matrices.
+    assert figures["dp_peak_bytes"] > figures["plain_peak_bytes"]
+    assert figures["opacus_hooks_dp_peak_bytes"] > figures["dp_peak_bytes"]
 
 
 def test_training_without_dp_is_reproducible_under_the_seed() -> None:
