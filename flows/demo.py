@@ -38,7 +38,7 @@ enabled = {dp}
 target_epsilon = 2.0
 max_grad_norm = 0.3
 delta = 1e-5
-epsilon_budget = 2.0
+epsilon_budget = {budget}
 accountant = "prv"
 update_clip_norm = 10.0
 
@@ -57,16 +57,26 @@ labels = "data/{name}/manifest.csv"
 """
 
 
-def demo_config_text(site_names: list[str], *, rounds: int, dp: bool, seed: int = DEMO_SEED) -> str:
+def demo_config_text(
+    site_names: list[str],
+    *,
+    rounds: int,
+    dp: bool,
+    seed: int = DEMO_SEED,
+    epsilon_budget: float = 2.0,
+) -> str:
     sites = "".join(_SITE.format(name=n) for n in site_names)
-    return _TEMPLATE.format(rounds=rounds, dp=str(dp).lower(), seed=seed, sites=sites)
+    return _TEMPLATE.format(
+        rounds=rounds, dp=str(dp).lower(), seed=seed, budget=epsilon_budget, sites=sites
+    )
 
 
-def prepare_demo(workdir: Path, *, rounds: int, dp: bool) -> Path:
+def prepare_demo(workdir: Path, *, rounds: int, dp: bool, epsilon_budget: float = 2.0) -> Path:
     """Generate the cohorts when absent and (re)write `workdir/federation.toml`."""
     workdir = Path(workdir).resolve()
     cohorts = ensure_demo_cohorts(workdir / "data", seed=DEMO_SEED)
     config = workdir / "federation.toml"
-    config.write_text(demo_config_text(sorted(cohorts), rounds=rounds, dp=dp), encoding="utf-8")
+    text = demo_config_text(sorted(cohorts), rounds=rounds, dp=dp, epsilon_budget=epsilon_budget)
+    config.write_text(text, encoding="utf-8")
     load_config(config)  # the file we wrote must itself be valid
     return config

@@ -32,6 +32,8 @@ ORIGIN = "medfed.bench/log"
 
 
 def run(workdir: Path | None = None) -> dict[str, float]:
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
         figures = {"ledger_appends_per_s_sqlite": appends_per_s(root / "appends.db")}
