@@ -53,6 +53,10 @@ class SiteConfig(_Strict):
     labels: str
     id_column: str = "patient_id"
     table: str | None = None
+    # The site's own privacy policy, overriding [dp] for this site alone: its budget across
+    # every job on this ledger, and the delta that epsilon is accounted at.
+    epsilon_budget: float | None = Field(default=None, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
 
 
 class ModelConfig(_Strict):
@@ -148,6 +152,14 @@ class FederationConfig(_Strict):
     @property
     def site_kind(self) -> SiteKind:
         return self.sites[0].kind
+
+    def dp_for(self, site: str) -> DPConfig:
+        """The DP settings `site` trains under: [dp] with the site's own budget and delta."""
+        cfg = next((s for s in self.sites if s.name == site), None)
+        if cfg is None:
+            raise ConfigError(f"site '{site}' is not in the federation")
+        own = {"epsilon_budget": cfg.epsilon_budget, "delta": cfg.delta}
+        return self.dp.model_copy(update={k: v for k, v in own.items() if v is not None})
 
 
 def load_config(path: Path) -> FederationConfig:

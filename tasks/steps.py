@@ -265,8 +265,8 @@ def release_history(ledger: Ledger, site: str) -> list[privacy.Release]:
     return history
 
 
-def noise_multiplier_for(rc: RoundContext, n_samples: int) -> float | None:
-    dp = rc.fed.dp
+def noise_multiplier_for(rc: RoundContext, site: str, n_samples: int) -> float | None:
+    dp = rc.fed.dp_for(site)
     if not dp.enabled:
         return None
     if dp.noise_multiplier is not None:
@@ -395,10 +395,10 @@ def train(site: str, rc: RoundContext, data: DatasetRef) -> TrainRef:
     reused = _train_already_recorded(rc, ledger, site, data)
     if reused is not None:
         return reused
-    dp = rc.fed.dp
+    dp = rc.fed.dp_for(site)
     base = global_before(rc, site, data.features)
     base_hash = model_hash(base)
-    noise = noise_multiplier_for(rc, data.patients_train)  # the patient is the DP unit
+    noise = noise_multiplier_for(rc, site, data.patients_train)  # the patient is the DP unit
     history = release_history(ledger, site)
     # Without DP the release has no epsilon bound; say so rather than record nothing.
     privacy_record: dict | None = {"dp": False, "epsilon": "unbounded"}
@@ -590,7 +590,7 @@ def _train_already_recorded(
 
 def clip_and_noise(site: str, rc: RoundContext, trained: TrainRef) -> UpdateRef:
     start = time.perf_counter()
-    dp = rc.fed.dp
+    dp = rc.fed.dp_for(site)
     path = rc.work(site) / "update.npy"
     reused = recorded_output(rc, site, "clip_and_noise", "update", path)
     if reused is not None:

@@ -26,6 +26,17 @@ def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
     assert fed.dp.target_epsilon == 2.0 and fed.dp.noise_multiplier is None
 
 
+def test_a_site_policy_overrides_the_federation_dp_for_that_site_only(tmp_path):
+    text = GOOD.replace('name = "site-b"', 'name = "site-b"\nepsilon_budget = 0.5\ndelta = 1e-7')
+    fed = load_config(write(tmp_path, text))
+    own, other = fed.dp_for("site-b"), fed.dp_for("site-a")
+    assert (own.epsilon_budget, own.delta) == (0.5, 1e-7)
+    assert (other.epsilon_budget, other.delta) == (fed.dp.epsilon_budget, fed.dp.delta) == (2, 1e-5)
+    assert own.target_epsilon == other.target_epsilon == 2.0
+    with pytest.raises(ConfigError, match="site-c"):
+        fed.dp_for("site-c")
+
+
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
@@ -34,6 +45,11 @@ def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
         (lambda t: t.replace("rounds = 2", "rounds = 2\nbatchsize = 4"), "batchsize"),
         (lambda t: t.replace('kind = "dicom"', 'kind = "xray"', 1), "sites.0.kind"),
         (lambda t: t.replace("min_sites = 2", "min_sites = 5"), "min_sites"),
+        (
+            lambda t: t.replace('name = "site-b"', 'name = "site-b"\nepsilon_budget = -1'),
+            "sites.1.epsilon_budget",
+        ),
+        (lambda t: t.replace('name = "site-a"', 'name = "site-a"\ndelta = 1.5'), "sites.0.delta"),
         (
             lambda t: t.replace(
                 "target_epsilon = 2.0", "target_epsilon = 2.0\nnoise_multiplier = 1.0"

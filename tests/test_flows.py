@@ -189,6 +189,29 @@ def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
     assert {e["site"] for e in ledger.events(job="job-b2", action="refuse")} == set(spent)
     verify_ledger(ledger.url)
 
+    # A site's own budget overrides the federation's, for that site alone: with a generous
+    # [dp] budget, only the site whose policy allows one round refuses the second.
+    strict = sorted(releases)[0]
+    config = federation(
+        tmp_path / "own",
+        cohorts,
+        rounds=2,
+        **fixed_noise,
+        **{
+            "epsilon_budget = 2.0": "epsilon_budget = 100.0",
+            f'name = "{strict}"\n': f'name = "{strict}"\nepsilon_budget = {budget}\n',
+        },
+    )
+    summaries = federated_training(str(config), "job-own")
+    assert [s.status for s in summaries] == ["committed", "committed"]
+    assert {r.site for r in summaries[1].sites if not r.trained} == {strict}
+    ledger = ledger_of(config)
+    (refusal,) = ledger.events(job="job-own", action="refuse")
+    assert refusal["site"] == strict and refusal["privacy"]["epsilon_budget"] == float(budget)
+    for e in ledger.events(job="job-own", round=2, action="train"):
+        assert e["privacy"]["epsilon_budget"] == 100.0
+        assert e["privacy"]["epsilon_cumulative"] > float(budget)
+
 
 def test_dp_demo_leaks_less_than_the_non_dp_demo_at_nearly_the_same_auc(tmp_path, cohorts):
     """Issue 4's claim on the demo: at epsilon 2 the global model keeps its AUC, and the
