@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -66,12 +67,37 @@ def _emit(rows: list[dict[str, Any]], *, as_json: bool, as_csv: bool, title: str
         writer.writerows(rows)
         sys.stdout.write(buf.getvalue())
         return
-    table = Table(title=f"{title} ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD)
-    for c in columns:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*[_cell(r[c]) for c in columns])
-    out.print(table)
+    if not rows:
+        out.print(f"{title}: none")
+        return
+    cells = [[_cell(r[c]) for c in columns] for r in rows]
+    headers = [c.replace("_", " ") for c in columns]
+    # One column per field when the widest cells fit the terminal; else one block per row
+    # (like psql's expanded display) rather than columns folded a few letters wide.
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+    if sum(widths) + 3 * len(widths) <= out.width:
+        table = Table(title=f"{title} ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD)
+        for h in headers:
+            table.add_column(h, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
+        out.print(table)
+        return
+    out.print(f"{title} ({len(rows)})", style="italic")
+    for n, row in enumerate(cells, 1):
+        block = Table.grid(padding=(0, 2))
+        block.add_column(style="bold")
+        block.add_column(overflow="fold")
+        for h, v in zip(headers, row, strict=True):
+            block.add_row(h, v)
+        out.print(f"[dim]── {n} ──[/dim]")
+        out.print(block)
+
+
+# A table is for reading: hashes shortened, timestamps to the second. --json and --csv keep
+# every value whole.
+_LONG_HEX = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{4,}\b")
+_TIMESTAMP = re.compile(r"\b(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d)(\.\d+)?Z\b")
 
 
 def _cell(value: Any) -> str:
@@ -79,7 +105,8 @@ def _cell(value: Any) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    text = _LONG_HEX.sub(r"\1…", str(value))
+    return _TIMESTAMP.sub(r"\1 \2Z", text)
 
 
 def _read_text(path: Path, what: str) -> str:

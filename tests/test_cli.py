@@ -85,3 +85,24 @@ def test_bad_site_data_fails_inside_prefect_without_a_traceback(tmp_path):
 def test_help_works(args):
     proc = medfed(*args)
     assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def test_compliance_tables_stay_readable_and_json_keeps_values_whole(capsys):
+    from flows.ledger_cli import _emit
+
+    digest = "ab" * 32
+    row = {"site": "st-mary", "dataset": digest, "recorded": "2026-12-01T18:19:09.807272Z"}
+    _emit([row], as_json=False, as_csv=False, title="data use")
+    table = capsys.readouterr().out
+    assert "abababababab…" in table and digest not in table
+    assert "2026-12-01 18:19:09Z" in table and "st-mary" in table
+    # Too many wide fields for the terminal: one block per row, every value on one line.
+    wide = {f"field_{i}": f"value-number-{i}-{'x' * 20}" for i in range(12)}
+    _emit([wide, wide], as_json=False, as_csv=False, title="events")
+    blocks = capsys.readouterr().out
+    assert blocks.count("── ") == 2
+    assert all(f"field {i}" in blocks and wide[f"field_{i}"] in blocks for i in range(12))
+    _emit([row], as_json=True, as_csv=False, title="data use")
+    assert digest in capsys.readouterr().out
+    _emit([], as_json=False, as_csv=False, title="events")
+    assert capsys.readouterr().out.strip() == "events: none"
