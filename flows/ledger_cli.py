@@ -476,8 +476,23 @@ def ledger_spend(
     if history or job:
         rows = queries.spend(log, site=site, job=job)
     else:
-        rows = queries.spend_summary(log, site=site)
+        rows = [
+            row | {"epsilon_recomputed": _recomputed_epsilon(log, row)}
+            for row in queries.spend_summary(log, site=site)
+        ]
     _emit(rows, as_json=as_json, as_csv=as_csv, title="privacy spend")
+
+
+def _recomputed_epsilon(log: Any, row: dict[str, Any]) -> float | None:
+    """The site's epsilon recomputed by the accountant from every release in the ledger, so
+    the recorded figure need not be taken on trust. None when there is no bounded figure."""
+    from tasks.privacy import epsilon
+    from tasks.steps import release_history
+
+    if not isinstance(row["epsilon_cumulative"], float) or not row["accountant"]:
+        return None
+    history = release_history(log, row["site"])
+    return epsilon(history, delta=row["delta"], accountant=row["accountant"])
 
 
 @ledger_app.command("data-use")

@@ -83,6 +83,8 @@ def events(
     return out
 
 
+_SPEND_ACTIONS = (Action.TRAIN, Action.CLIP_AND_NOISE, Action.REFUSE)
+
 # What a site's epsilon is once it has trained even one round without DP.
 UNBOUNDED = "unbounded (trained without DP)"
 
@@ -90,20 +92,23 @@ UNBOUNDED = "unbounded (trained without DP)"
 def spend(
     ledger: Ledger, *, site: str | None = None, job: str | None = None
 ) -> list[dict[str, Any]]:
-    """Every DP release (train) and refusal per site over time, with budget remaining."""
+    """Every release (DP-SGD in train, site-level noise in clip_and_noise) and refusal per
+    site over time, with budget remaining."""
     out = []
     for b in _bodies(ledger):
-        if b.get("action") not in (Action.TRAIN, Action.REFUSE) or b.get("actor") != b.get("site"):
+        if b.get("action") not in _SPEND_ACTIONS or b.get("actor") != b.get("site"):
             continue
         if site and b.get("site") != site or job and b.get("job") != job:
             continue
         p = b.get("privacy") or {}
-        if b["action"] == Action.TRAIN:
-            cumulative = p.get("epsilon_cumulative", 0.0)
-            this_round = p.get("epsilon_round", 0.0)
-        else:
+        if b["action"] == Action.CLIP_AND_NOISE and not p.get("release"):
+            continue  # clipped without site-level noise: no release
+        if b["action"] == Action.REFUSE:
             cumulative = p.get("epsilon_spent", 0.0)
             this_round = 0.0
+        else:
+            cumulative = p.get("epsilon_cumulative", 0.0)
+            this_round = p.get("epsilon_round")
         budget = p.get("epsilon_budget")
         out.append(
             {
@@ -142,6 +147,7 @@ def spend_summary(ledger: Ledger, *, site: str | None = None) -> list[dict[str, 
                 "rounds_without_dp": 0,
                 "refusals": 0,
                 "accountant": None,
+                "delta": None,
                 "datasets": set(),
                 "jobs": set(),
                 "last": None,
@@ -149,12 +155,15 @@ def spend_summary(ledger: Ledger, *, site: str | None = None) -> list[dict[str, 
         )
         s["rounds_without_dp"] += not r["dp"]
         s["accountant"] = r["accountant"] or s["accountant"]
+        s["delta"] = r["delta"] or s["delta"]
         s["epsilon_cumulative"] = max(s["epsilon_cumulative"], r["epsilon_cumulative"] or 0.0)
         s["epsilon_budget"] = (
             r["epsilon_budget"] if r["epsilon_budget"] is not None else s["epsilon_budget"]
         )
-        s["rounds_trained" if r["action"] == Action.TRAIN else "refusals"] += 1
-        s["datasets"].add(r["dataset"][:16])
+        s["rounds_trained"] += r["action"] == Action.TRAIN
+        s["refusals"] += r["action"] == Action.REFUSE
+        if r["dataset"]:
+            s["datasets"].add(r["dataset"][:16])
         s["jobs"].add(r["job"])
         s["last"] = r["recorded"]
     for s in sites.values():

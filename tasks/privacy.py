@@ -120,17 +120,41 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     accountant: str,
+    alongside: tuple[Release, ...] = (),
+    tolerance: float = 0.01,
 ) -> float:
-    """Smallest noise multiplier whose `steps` at `sample_rate` stay within `target_epsilon`."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
+    """Smallest noise multiplier (to `tolerance` in epsilon) whose `steps` at `sample_rate`,
+    together with the releases `alongside` (the plan's site-level update noise), stay within
+    `target_epsilon`. Without `alongside` this is Opacus' own calibration."""
+    if not alongside:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=tolerance,
+            )
         )
-    )
+
+    def spent(noise: float) -> float:
+        dp_sgd = Release(noise_multiplier=noise, sample_rate=sample_rate, steps=steps)
+        return epsilon([dp_sgd, *alongside], delta=delta, accountant=accountant)
+
+    floor = epsilon(list(alongside), delta=delta, accountant=accountant)
+    if floor >= target_epsilon - tolerance:
+        raise StepError(
+            f"the site-level update noise alone spends epsilon {floor:.3g} of the target "
+            f"{target_epsilon:g}: raise dp.update_noise_multiplier or dp.target_epsilon"
+        )
+    low, high = 0.0, 1.0
+    while spent(high) > target_epsilon:  # epsilon falls as the noise grows
+        low, high = high, 2 * high
+    while target_epsilon - spent(high) > tolerance:
+        middle = (low + high) / 2
+        low, high = (low, middle) if spent(middle) <= target_epsilon else (middle, high)
+    return high
 
 
 def clip_update(update: np.ndarray, *, max_norm: float) -> tuple[np.ndarray, float]:

@@ -277,12 +277,15 @@ def noise_multiplier_for(rc: RoundContext, site: str, n_samples: int) -> float |
         epochs=rc.fed.local_epochs,
         noise_multiplier=1.0,
     )
+    site_level = privacy.site_level_release(dp.update_noise_multiplier)
     return privacy.calibrate_noise(
         target_epsilon=dp.target_epsilon,
         delta=dp.delta,
         sample_rate=one_round.sample_rate,
         steps=one_round.steps * rc.fed.rounds,
         accountant=str(dp.accountant),
+        # The plan's site-level releases share the target with DP-SGD.
+        alongside=(site_level,) * rc.fed.rounds if site_level else (),
     )
 
 

@@ -213,6 +213,44 @@ def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
         assert e["privacy"]["epsilon_cumulative"] > float(budget)
 
 
+def test_spend_counts_site_level_noise_and_matches_the_accountant_recomputed(tmp_path, cohorts):
+    """With site-level update noise every round makes two releases per site (DP-SGD in train,
+    Gaussian in clip_and_noise); calibration fits both into the target, `medfed ledger spend`
+    reports the epsilon after both, and recomputing it from the ledger's releases with the
+    accountant gives the same figure."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.ledger_cli import ledger_app
+
+    app.add_typer(ledger_app, name="ledger")
+    config = federation(
+        tmp_path,
+        cohorts,
+        rounds=2,
+        **QUICK,
+        **{"update_clip_norm = 10.0": "update_clip_norm = 10.0\nupdate_noise_multiplier = 30.0"},
+    )
+    federated_training(str(config), "noisy")
+    ledger = ledger_of(config)
+    result = CliRunner().invoke(app, ["ledger", "spend", "--ledger", ledger.url, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["site"]: r for r in json.loads(result.output)}
+    assert set(rows) == {s.name for s in load_config(config).sites}
+    for site, row in rows.items():
+        after_noise = ledger.events(job="noisy", round=2, site=site, action="clip_and_noise")
+        after_train = ledger.events(job="noisy", round=2, site=site, action="train")
+        recorded = after_noise[0]["privacy"]["epsilon_cumulative"]
+        assert recorded > after_train[0]["privacy"]["epsilon_cumulative"]
+        assert row["epsilon_cumulative"] == pytest.approx(recorded, rel=1e-12)
+        assert row["epsilon_recomputed"] == pytest.approx(recorded, rel=1e-9)
+        assert row["rounds_trained"] == 2 and row["refusals"] == 0
+        # The planned rounds use the whole target (2.0) and not more.
+        assert 1.95 <= recorded <= 2.0
+
+
 def test_dp_demo_leaks_less_than_the_non_dp_demo_at_nearly_the_same_auc(tmp_path, cohorts):
     """Issue 4's claim on the demo: at epsilon 2 the global model keeps its AUC, and the
     membership-inference attack that catches the non-DP run's memorisation sees ~nothing."""

@@ -67,6 +67,39 @@ def test_calibration_never_overshoots_the_target(target, q, steps):
     assert spent <= target * 1.0001
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibration_shares_the_target_with_site_level_noise(accountant):
+    """Target-epsilon mode with site-level update noise: DP-SGD gets what the site-level
+    releases leave, so the whole plan lands just under the target."""
+    from tasks.privacy import site_level_release
+
+    site = (site_level_release(20.0),) * 3
+    q, steps, target = 0.05, 300, 2.0
+    alone = calibrate_noise(
+        target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, accountant=accountant
+    )
+    shared = calibrate_noise(
+        target_epsilon=target,
+        delta=1e-5,
+        sample_rate=q,
+        steps=steps,
+        accountant=accountant,
+        alongside=site,
+    )
+    assert shared > alone  # DP-SGD needs more noise when it shares the budget
+    plan = [Release(noise_multiplier=shared, sample_rate=q, steps=steps), *site]
+    assert target - 0.01 <= epsilon(plan, delta=1e-5, accountant=accountant) <= target
+    with pytest.raises(StepError, match="site-level update noise alone"):
+        calibrate_noise(
+            target_epsilon=0.1,
+            delta=1e-5,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+            alongside=site,
+        )
+
+
 def test_planned_release_matches_poisson_loader_shape():
     r = planned_release(n_samples=100, batch_size=32, epochs=2, noise_multiplier=1.2)
     assert r == Release(noise_multiplier=1.2, sample_rate=0.25, steps=8)
