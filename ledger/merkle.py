@@ -292,13 +292,28 @@ def prefix_roots(leaf_hashes: Sequence[bytes], sizes: Sequence[int]) -> list[byt
     digits; each is a node of the full tree's levels, and the root folds them right to left.
     """
     _check_leaf_hashes(leaf_hashes)
-    n = len(leaf_hashes)
+    _check_prefix_sizes(len(leaf_hashes), sizes)
+    if not any(sizes):
+        return [empty_root() for _ in sizes]
+    return _roots_from_levels(list(_levels(leaf_hashes)), sizes)
+
+
+def prefix_roots_of_levels(levels: Sequence[Sequence[bytes]], sizes: Sequence[int]) -> list[bytes]:
+    """`prefix_roots` from the tree's levels, leaves first, up to one holding a single node
+    (as `_levels` builds them); for trees built in parts elsewhere. Node hashes are trusted."""
+    _check_prefix_sizes(len(levels[0]) if levels else 0, sizes)
+    if not any(sizes):
+        return [empty_root() for _ in sizes]
+    return _roots_from_levels(levels, sizes)
+
+
+def _check_prefix_sizes(n: int, sizes: Sequence[int]) -> None:
     for size in sizes:
         if not _is_uint(size) or size > n:
             raise LedgerError(f"prefix size {size!r} is outside a tree of size {n}")
-    if not any(sizes):
-        return [empty_root() for _ in sizes]
-    levels = list(_levels(leaf_hashes))
+
+
+def _roots_from_levels(levels: Sequence[Sequence[bytes]], sizes: Sequence[int]) -> list[bytes]:
     roots = []
     for size in sizes:
         if size == 0:

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from ledger import LedgerError, VerificationError, merkle, note
@@ -45,7 +46,7 @@ from ledger.entry import (
     unb64,
     utc_now,
 )
-from ledger.schema import ActorRow, CheckpointRow, EntryRow, LogRow, PayloadRow
+from ledger.schema import INDEXED_FIELDS, ActorRow, CheckpointRow, EntryRow, LogRow, PayloadRow
 
 # Any constant works; it only has to be the same for every medfed process.
 _PG_APPEND_LOCK = 0x6D656466  # "medf"
@@ -57,6 +58,7 @@ C = CheckpointRow.__table__
 L = LogRow.__table__
 P = PayloadRow.__table__
 _TABLES = [E, A, C, L, P]
+_RAW_COLUMNS = ", ".join(("seq", "body", "entry_hash", "signature", *INDEXED_FIELDS))
 
 
 class UnreadableError(LedgerError):
@@ -102,15 +104,7 @@ def open_ledger(url: str) -> Ledger:
 def engine_for(url: str) -> Engine:
     """One engine per URL per process; tables created on first use."""
     try:
-        if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-            _sqlite_serialized_writes(engine)
-        elif url.startswith("postgresql"):
-            if url.startswith("postgresql://"):
-                url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-            engine = create_engine(url, pool_pre_ping=True)
-        else:
-            raise UnreadableError(f"ledger URL {url!r} is neither sqlite:/// nor postgresql://")
+        engine = _new_engine(url)
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 # Concurrent CREATE TABLE races on PostgreSQL's catalog; take the append lock.
@@ -120,6 +114,30 @@ def engine_for(url: str) -> Engine:
     except (SQLAlchemyError, ArgumentError) as exc:
         raise UnreadableError(f"cannot open ledger {url}: {one_line(exc)}") from exc
     return engine
+
+
+def _new_engine(url: str, **kwargs: Any) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"timeout": 60, "check_same_thread": False}, **kwargs
+        )
+        _sqlite_serialized_writes(engine)
+        return engine
+    if url.startswith("postgresql"):
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    raise UnreadableError(f"ledger URL {url!r} is neither sqlite:/// nor postgresql://")
+
+
+def forked_reader(url: str) -> Ledger:
+    """A Ledger for reading in a forked worker process, on its own unpooled engine: the
+    parent's pooled connections (inherited, shared sockets and SQLite lock state) stay
+    untouched. The tables must exist already."""
+    try:
+        return Ledger(url, engine=_new_engine(url, poolclass=NullPool))
+    except (SQLAlchemyError, ArgumentError) as exc:
+        raise UnreadableError(f"cannot open ledger {url}: {one_line(exc)}") from exc
 
 
 def _upgrade(conn: Connection) -> None:
@@ -150,9 +168,9 @@ def _sqlite_serialized_writes(engine: Engine) -> None:
 class Ledger:
     """The append-only, hash-chained, signed event log at `url`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
         self.url = url
-        self.engine = engine_for(url)
+        self.engine = engine or engine_for(url)
 
     # ------------------------------------------------------------------ writing
 
@@ -372,32 +390,52 @@ class Ledger:
     def size(self) -> int:
         return self._read(select(func.count()).select_from(E))[0][0]
 
-    def raw_rows(self, *, batch: int = 20000) -> Iterator[tuple]:
-        """(seq, body, entry_hash, signature, *INDEXED_FIELDS) in seq order, streamed in
-        keyset-paginated batches, each read in its own short transaction."""
-        cols = [
-            E.c.seq,
-            E.c.body,
-            E.c.entry_hash,
-            E.c.signature,
-            E.c.idempotency_key,
-            E.c.actor,
-            E.c.action,
-            E.c.job,
-            E.c.round,
-            E.c.site,
-            E.c.recorded,
-        ]
-        last = None
-        while True:
-            query = select(*cols).order_by(E.c.seq).limit(batch)
-            if last is not None:
-                query = query.where(E.c.seq > last)
-            chunk = self._read(query)
-            if not chunk:
-                return
-            yield from chunk
-            last = chunk[-1][0]
+    def last_seq(self) -> int | None:
+        """The highest stored seq (None when empty): an index lookup, unlike size()."""
+        return self._read(select(func.max(E.c.seq)))[0][0]
+
+    def raw_rows(
+        self,
+        *,
+        batch: int = 20000,
+        start: int | None = None,
+        stop: int | None = None,
+        signatures: bool = True,
+    ) -> Iterator[tuple]:
+        """(seq, body, entry_hash, signature, *INDEXED_FIELDS) for start <= seq < stop (None:
+        unbounded) in seq order, as plain tuples, streamed in keyset-paginated batches, each
+        read in its own short transaction. signatures=False reads '' for each signature.
+
+        Read through the DBAPI cursor: building SQLAlchemy Row objects costs about as much as
+        the database read itself, and verification reads every row."""
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        columns = (
+            _RAW_COLUMNS if signatures else _RAW_COLUMNS.replace("signature", "'' AS signature")
+        )
+        errors = (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error)
+        try:
+            conn = self.engine.raw_connection()
+            try:
+                cursor = conn.cursor()
+                low = (">=", start)
+                while True:
+                    bounds = [(f"seq {low[0]} {mark}", low[1]), (f"seq < {mark}", stop)]
+                    bounds = [(sql, value) for sql, value in bounds if value is not None]
+                    where = (" WHERE " + " AND ".join(sql for sql, _ in bounds)) if bounds else ""
+                    cursor.execute(
+                        f"SELECT {columns} FROM {E.name}{where} ORDER BY seq LIMIT {batch:d}",
+                        tuple(value for _, value in bounds),
+                    )
+                    chunk = cursor.fetchall()
+                    conn.rollback()  # end the read transaction (PostgreSQL; no-op on SQLite)
+                    if not chunk:
+                        return
+                    yield from chunk
+                    low = (">", chunk[-1][0])
+            finally:
+                conn.close()
+        except errors as exc:
+            raise UnreadableError(f"cannot read ledger {self.url}: {one_line(exc)}") from exc
 
     def rows(self, *, batch: int = 5000) -> Iterator[EntryRow]:
         """Every entry as an EntryRow, in sequence order (kept for callers of the ORM view)."""

@@ -8,25 +8,32 @@ caller pins, else the one the ledger stores.
 
 Works on a database (`verify_ledger`) or on an exported bundle (`verify_bundle`, no database).
 Rows stream through one tight loop (no ORM); signatures, the slow part, are checked in worker
-processes when there are many.
+processes when there are many. A long ledger in a database is instead scanned in seq ranges
+by worker processes that each read their range themselves (`_scan_range`); the parent stitches
+the ranges in order (chain links across them, keys registered in earlier ones) and reports the
+same first bad entry as the single loop. Whatever the range scan does not handle exactly goes
+back to the single loop, which is the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from sqlalchemy.pool import QueuePool
+
 from ledger import LedgerError, VerificationError, jcs, merkle, note
 from ledger import keys as _keys
 from ledger.entry import GENESIS_HASH, LEAF_PREFIX, Action, commitment, unb64
 from ledger.schema import INDEXED_FIELDS
-from ledger.store import Ledger, open_ledger
+from ledger.store import Ledger, forked_reader, open_ledger, sqlite_path
 
 try:  # orjson parses a ledger body ~4x faster than json; same result for valid JSON.
     from orjson import loads as _loads
@@ -34,6 +41,13 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 PARALLEL_MIN_SIGNATURES = 4000
+# From this many entries a database ledger is scanned in ranges by worker processes; below
+# it, forking and stitching cost more than they save.
+PARALLEL_MIN_ENTRIES = 50_000
+_RANGES_PER_WORKER = 4  # several ranges per worker even out a core that is busy elsewhere
+_MIN_SPAN = 4096
+_REGISTER = str(Action.REGISTER_KEY)
+_ERASE = str(Action.ERASE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +105,21 @@ def verify_ledger(
 ) -> Report:
     """Verify the ledger at `url` (which must exist); raise EntryError / CheckpointError."""
     ledger = open_ledger(url)
+    # The checkpoints are read now, the entries after: no checkpoint covers an unread entry.
+    source = source_of(ledger, signatures=signatures)
+    report = _verify_in_ranges(
+        ledger,
+        source,
+        workers=(os.cpu_count() or 1) if workers is None else workers,
+        vkey=vkey,
+        trusted_keys=trusted_keys,
+        pinned_checkpoints=pinned_checkpoints,
+        signatures=signatures,
+    )
+    if report is not None:
+        return report
     return verify_source(
-        source_of(ledger),
+        source,
         vkey=vkey,
         trusted_keys=trusted_keys,
         pinned_checkpoints=pinned_checkpoints,
@@ -101,9 +128,9 @@ def verify_ledger(
     )
 
 
-def source_of(ledger: Ledger) -> Source:
+def source_of(ledger: Ledger, *, signatures: bool = True) -> Source:
     return Source(
-        rows=ledger.raw_rows(),
+        rows=ledger.raw_rows(signatures=signatures),
         checkpoints=ledger.checkpoints(),
         log=ledger.log_identity(),
         payloads=ledger.payloads(),
@@ -127,39 +154,46 @@ def verify_source(
     erased: set[tuple[int, str]] = set()
     failure: tuple[int, str] | None = None
     prev_hex = GENESIS_HASH.hex()
-    sha256 = hashlib.sha256
+    # Locals: this loop runs once per entry.
+    sha256, loads, add_hash, register, erase = (
+        hashlib.sha256,
+        _loads,
+        hashes.append,
+        _REGISTER,
+        _ERASE,
+    )
     columns = source.columns
-    register = str(Action.REGISTER_KEY)
-    erase = str(Action.ERASE)
+    n = 0
 
     for row in source.rows:
         seq = row[0]
-        n = len(hashes)
         if seq != n:
             failure = (n, f"missing; the next stored entry is {seq}")
             break
         body = row[1].encode() if isinstance(row[1], str) else bytes(row[1])
         digest = sha256(LEAF_PREFIX + body).digest()
-        if digest.hex() != row[2]:
+        digest_hex = digest.hex()
+        if digest_hex != row[2]:
             failure = (seq, "entry hash does not match its body")
             break
         try:
-            fields = _loads(body)
+            fields = loads(body)
         except ValueError:
             failure = (seq, "body is not JSON")
             break
         if type(fields) is not dict or fields.get("seq") != seq:
             failure = (seq, "body does not state its own sequence number")
             break
-        if fields.get("prev") != prev_hex:
+        get = fields.get
+        if get("prev") != prev_hex:
             failure = (seq, "hash chain broken: prev does not match the previous entry")
             break
-        if columns and tuple(row[4:11]) != tuple(map(fields.get, INDEXED_FIELDS)):
-            bad = next(n for i, n in enumerate(INDEXED_FIELDS, 4) if row[i] != fields.get(n))
-            failure = (seq, f"column '{bad}' differs from the signed body")
+        if columns and tuple(row[4:11]) != tuple(map(get, INDEXED_FIELDS)):
+            failure = (seq, _column_failure(row, fields))
             break
-        actor = fields.get("actor")
-        public_key = keys.get(actor) if fields.get("action") != register else None
+        actor = get("actor")
+        action = get("action")
+        public_key = keys.get(actor) if action != register else None
         if public_key is None:
             try:
                 public_key = _key_for(fields, keys, register)
@@ -169,20 +203,17 @@ def verify_source(
         kid = key_ids.get((actor, public_key))
         if kid is None:
             kid = key_ids[(actor, public_key)] = _keys.key_id(str(actor), public_key).hex()
-        if fields.get("key_id") != kid:
+        if get("key_id") != kid:
             failure = (seq, "key id does not match the actor's registered key")
             break
         keys.setdefault(actor, public_key)
         if signatures:
             sig_jobs.append((seq, body, row[3], public_key))
-        if fields.get("commitments"):
-            for name, value in fields["commitments"].items():
-                commitments[(seq, name)] = value
-        if fields.get("action") == erase:
-            for item in (fields.get("details") or {}).get("erased", []):
-                erased.add((item.get("seq"), item.get("field")))
-        hashes.append(digest)
-        prev_hex = digest.hex()
+        if action == erase or get("commitments"):
+            _collect_erasable(seq, fields, commitments, erased)
+        add_hash(digest)
+        prev_hex = digest_hex
+        n += 1
 
     if signatures:
         bad_sig = check_signatures(sig_jobs, workers=workers)
@@ -196,13 +227,41 @@ def verify_source(
             raise VerificationError(
                 f"the public key listed for {actor!r} is not the one it registered in the chain"
             )
+    return _report(
+        source,
+        size=n,
+        head=prev_hex,
+        keys=keys,
+        roots_of=functools.partial(merkle.prefix_roots, hashes),
+        commitments=commitments,
+        erased=erased,
+        vkey=vkey,
+        pinned_checkpoints=pinned_checkpoints,
+        signatures=signatures,
+    )
+
+
+def _report(
+    source: Source,
+    *,
+    size: int,
+    head: str,
+    keys: Mapping[str, bytes],
+    roots_of: Callable[[Sequence[int]], list[bytes]],
+    commitments: Mapping[tuple[int, str], str],
+    erased: set[tuple[int, str]],
+    vkey: str | None,
+    pinned_checkpoints: Sequence[str],
+    signatures: bool,
+) -> Report:
+    """The checks after the entries (erasable fields, checkpoints), once they all verify."""
     present, erased_count = _check_payloads(source.payloads, commitments, erased)
     cp_count, cp_size, used_vkey, full_root = _check_checkpoints(
-        hashes, source.checkpoints, source.log, vkey, pinned_checkpoints
+        size, roots_of, source.checkpoints, source.log, vkey, pinned_checkpoints
     )
     return Report(
-        entries=len(hashes),
-        head=prev_hex,
+        entries=size,
+        head=head,
         actors=tuple(sorted(keys)),
         root=full_root.hex(),
         checkpoints=cp_count,
@@ -214,18 +273,447 @@ def verify_source(
     )
 
 
+def _column_failure(row: Sequence, fields: dict) -> str:
+    bad = next(n for i, n in enumerate(INDEXED_FIELDS, 4) if row[i] != fields.get(n))
+    return f"column '{bad}' differs from the signed body"
+
+
+def _collect_erasable(
+    seq: int, fields: dict, commitments: dict[tuple[int, str], str], erased: set[tuple[int, str]]
+) -> None:
+    if fields.get("commitments"):
+        for name, value in fields["commitments"].items():
+            commitments[(seq, name)] = value
+    if fields.get("action") == _ERASE:
+        for item in (fields.get("details") or {}).get("erased", []):
+            erased.add((item.get("seq"), item.get("field")))
+
+
 def _key_for(fields: dict, keys: Mapping[str, bytes], register: str) -> bytes:
     actor = fields.get("actor")
     if fields.get("action") == register:
-        claimed = bytes.fromhex(fields["details"]["public_key"])
-        if len(claimed) != _keys.PUBLIC_KEY_SIZE:
-            raise VerificationError("registered public key is not 32 bytes")
+        claimed = _registered_key(fields)
         if actor in keys and keys[actor] != claimed:
             raise VerificationError(f"actor {actor!r} re-registered with a different key")
         return claimed
     if actor not in keys:
         raise VerificationError(f"actor {actor!r} signs before registering a key")
     return keys[actor]
+
+
+def _registered_key(fields: dict) -> bytes:
+    claimed = bytes.fromhex(fields["details"]["public_key"])
+    if len(claimed) != _keys.PUBLIC_KEY_SIZE:
+        raise VerificationError("registered public key is not 32 bytes")
+    return claimed
+
+
+# ---------------------------------------------------------------- range scan
+
+
+class _Fallback(Exception):
+    """The range scan met something only the single loop reproduces exactly (an odd body, or
+    rows that changed between two workers' reads): verify with the single loop instead."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Range:
+    url: str
+    start: int | None  # None: from the first row, whatever its seq
+    stop: int | None  # None: to the last row, however many were appended meanwhile
+    levels: int  # Merkle levels to build above the leaves; ranges start at multiples of 2**levels
+    signatures: bool
+    hints: Mapping[str, bytes]  # actor -> key to check its signatures with here
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Part:
+    """What one worker found in its range, for the parent to stitch in order."""
+
+    stop: int | None
+    first_seq: int | None  # of the first row stored in the range; None when it is empty
+    end: int  # one past the last row that passed the checks made here
+    failure: tuple[int, str] | None  # the first failing check that needs nothing from outside
+    prev: bytes | None  # leaf hash of row start - 1 as this worker read it (its chain anchor)
+    last: bytes | None  # leaf hash of row end - 1
+    registrations: list[tuple[int, str, bytes, bool]]  # (seq, actor, key, key id matches)
+    first_use: dict[tuple[str, str | None], int]  # (actor, key id) of other entries -> first seq
+    bad_signature: tuple[int, str] | None  # first, with the key from `hints` or the entry's own
+    commitments: dict[tuple[int, str], str]
+    erased: set[tuple[int, str]]
+    levels: list[bytes]  # packed nodes of Merkle levels 0..levels; [] when anything failed
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Stitched:
+    size: int
+    head: bytes
+    keys: dict[str, bytes]
+    levels: list[Sequence[bytes]]  # the whole Merkle tree, leaves first
+    commitments: dict[tuple[int, str], str]
+    erased: set[tuple[int, str]]
+
+
+def _verify_in_ranges(
+    ledger: Ledger,
+    source: Source,
+    *,
+    workers: int,
+    vkey: str | None,
+    trusted_keys: Mapping[str, bytes] | None,
+    pinned_checkpoints: Sequence[str],
+    signatures: bool,
+) -> Report | None:
+    """The report from scanning seq ranges in worker processes; None where that is not done
+    (small ledger, one worker, in-memory SQLite) or must be redone by the single loop."""
+    tasks = _plan(ledger, workers, signatures, dict(trusted_keys or {}))
+    if not tasks:
+        return None
+    pool = ledger.engine.pool
+    if ledger.engine.dialect.name == "sqlite" and (
+        not isinstance(pool, QueuePool) or pool.checkedout()
+    ):
+        # A connection mid-transaction (another thread's) would hand its SQLite lock state to
+        # the workers, whose own locks might then be no-ops. Idle pooled connections are
+        # harmless: they stay open here while the workers read over their own connections.
+        return None
+    # fork: workers inherit the imported modules; verification runs from the CLI, not a server.
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)), mp_context=get_context("fork")
+    ) as executor:
+        futures = [executor.submit(_scan_range, task) for task in tasks]
+        try:
+            whole = _stitch(
+                (f.result() for f in futures),
+                trusted=dict(trusted_keys or {}),
+                hints=tasks[0].hints if signatures else None,
+            )
+        except _Fallback:
+            return None
+        finally:
+            for f in futures:  # the stitch stops at the first bad entry; skip what is left
+                f.cancel()
+    return _report(
+        source,
+        size=whole.size,
+        head=whole.head.hex(),
+        keys=whole.keys,
+        roots_of=functools.partial(merkle.prefix_roots_of_levels, whole.levels),
+        commitments=whole.commitments,
+        erased=whole.erased,
+        vkey=vkey,
+        pinned_checkpoints=pinned_checkpoints,
+        signatures=signatures,
+    )
+
+
+def _plan(
+    ledger: Ledger, workers: int, signatures: bool, trusted: dict[str, bytes]
+) -> list[_Range]:
+    if workers < 2 or (ledger.engine.dialect.name == "sqlite" and sqlite_path(ledger.url) is None):
+        return []
+    last = ledger.last_seq()
+    if last is None or last + 1 < PARALLEL_MIN_ENTRIES:
+        return []
+    span = _span_for(last + 1, workers)
+    count = -(-(last + 1) // span)
+    if count < 2:
+        return []
+    hints = _hint_keys(ledger, trusted) if signatures else {}
+    return [
+        _Range(
+            url=ledger.url,
+            start=i * span if i else None,
+            stop=(i + 1) * span if i < count - 1 else None,
+            levels=span.bit_length() - 1,
+            signatures=signatures,
+            hints=hints,
+        )
+        for i in range(count)
+    ]
+
+
+def _span_for(entries: int, workers: int) -> int:
+    """Entries per range: a power of two, so that each range holds whole Merkle subtrees."""
+    wanted = -(-entries // (workers * _RANGES_PER_WORKER))
+    return max(_MIN_SPAN, 1 << (wanted - 1).bit_length())
+
+
+def _hint_keys(ledger: Ledger, trusted: dict[str, bytes]) -> dict[str, bytes]:
+    """Each actor's key as its first register_key entry by the action column states it. Only
+    a guess to check signatures with: the stitch falls back to the single loop unless every
+    guess it relied on is the key the chain establishes."""
+    hints = dict(trusted)
+    try:
+        registrations = ledger.events(action=_REGISTER)
+    except ValueError:  # a body that is not JSON; the scan names it
+        return hints
+    for fields in registrations:
+        try:
+            hints.setdefault(fields["actor"], _registered_key(fields))
+        except (VerificationError, KeyError, TypeError, ValueError):
+            continue
+    return hints
+
+
+def _scan_range(task: _Range) -> _Part:
+    """In a worker: the checks on one range that need no other range, in the single loop's
+    order, stopping at the first failure."""
+    ledger = forked_reader(task.url)
+    try:
+        return _scan(ledger, task)
+    finally:
+        ledger.engine.dispose()
+
+
+def _anchor(ledger: Ledger, start: int | None) -> bytes | None:
+    """The hash the range's first entry must chain to: of entry start - 1 as read here (the
+    stitch checks it is the one the previous range ended with). None when it is missing."""
+    if start is None:
+        return GENESIS_HASH
+    before = list(ledger.raw_rows(start=start - 1, stop=start, signatures=False))
+    return _leaf_hash(before[0][1]) if before else None
+
+
+def _scan(ledger: Ledger, task: _Range) -> _Part:
+    start = task.start or 0
+    prev = _anchor(ledger, task.start)
+    prev_hex = prev.hex() if prev is not None else None
+    hashes: list[bytes] = []
+    registrations: list[tuple[int, str, bytes, bool]] = []
+    first_use: dict[tuple[str, str | None], int] = {}
+    commitments: dict[tuple[int, str], str] = {}
+    erased: set[tuple[int, str]] = set()
+    verifiers: dict[bytes, object] = {}
+    failure: tuple[int, str] | None = None
+    bad_signature: tuple[int, str] | None = None
+    first_seq: int | None = None
+    sha256, loads, add_hash, register, erase = (
+        hashlib.sha256,
+        _loads,
+        hashes.append,
+        _REGISTER,
+        _ERASE,
+    )
+    hints, signatures = task.hints, task.signatures
+    n = start
+
+    for row in ledger.raw_rows(start=task.start, stop=task.stop, signatures=signatures):
+        seq = row[0]
+        if first_seq is None:
+            first_seq = seq
+        if seq != n:
+            failure = (n, f"missing; the next stored entry is {seq}")
+            break
+        body = row[1].encode() if isinstance(row[1], str) else bytes(row[1])
+        digest = sha256(LEAF_PREFIX + body).digest()
+        digest_hex = digest.hex()
+        if digest_hex != row[2]:
+            failure = (seq, "entry hash does not match its body")
+            break
+        try:
+            fields = loads(body)
+        except ValueError:
+            failure = (seq, "body is not JSON")
+            break
+        if type(fields) is not dict or fields.get("seq") != seq:
+            failure = (seq, "body does not state its own sequence number")
+            break
+        get = fields.get
+        if prev_hex is None or get("prev") != prev_hex:
+            failure = (seq, "hash chain broken: prev does not match the previous entry")
+            break
+        if tuple(row[4:11]) != tuple(map(get, INDEXED_FIELDS)):
+            failure = (seq, _column_failure(row, fields))
+            break
+        actor = get("actor")
+        if type(actor) is not str:
+            raise _Fallback(f"entry {seq} names a non-string actor")
+        action = get("action")
+        if action == register:
+            try:
+                claimed = _registered_key(fields)
+            except (VerificationError, KeyError, TypeError, ValueError) as exc:
+                failure = (seq, str(exc) or "malformed register_key entry")
+                break
+            # Whether it re-registers an actor with another key is for the stitch to say.
+            kid_ok = get("key_id") == _keys.key_id(actor, claimed).hex()
+            registrations.append((seq, actor, claimed, kid_ok))
+            key: bytes | None = claimed
+        else:
+            kid = get("key_id")
+            # Any key id that is not a string mismatches alike; None keeps the pair hashable.
+            first_use.setdefault((actor, kid if type(kid) is str else None), seq)
+            key = hints.get(actor)
+        if signatures and bad_signature is None and key is not None:
+            reason = _signature_failure(body, row[3], key, verifiers)
+            if reason is not None:
+                bad_signature = (seq, reason)
+        if action == erase or get("commitments"):
+            try:
+                _collect_erasable(seq, fields, commitments, erased)
+            except Exception as exc:  # the single loop raises it, or fails earlier
+                raise _Fallback(f"entry {seq}: {exc!r}") from exc
+        add_hash(digest)
+        prev_hex = digest_hex
+        n += 1
+
+    clean = failure is None and bad_signature is None
+    return _Part(
+        stop=task.stop,
+        first_seq=first_seq,
+        end=n,
+        failure=failure,
+        prev=prev,
+        last=hashes[-1] if hashes else None,
+        registrations=registrations,
+        first_use=first_use,
+        bad_signature=bad_signature,
+        commitments=commitments,
+        erased=erased,
+        levels=_packed_levels(hashes, task.levels) if clean else [],
+    )
+
+
+def _leaf_hash(body: str | bytes) -> bytes:
+    return hashlib.sha256(LEAF_PREFIX + (body.encode() if isinstance(body, str) else body)).digest()
+
+
+def _packed_levels(hashes: list[bytes], count: int) -> list[bytes]:
+    """Merkle levels 0..count over these leaves, each as one bytes object (cheap to send)."""
+    level: Sequence[bytes] = hashes
+    packed = [b"".join(level)]
+    for _ in range(count):
+        level = merkle._next_level(level)
+        packed.append(b"".join(level))
+    return packed
+
+
+def _stitch(
+    parts: Iterable[_Part], *, trusted: dict[str, bytes], hints: Mapping[str, bytes] | None
+) -> _Stitched:
+    """Join the parts in seq order, doing the checks that span ranges; raise EntryError for the
+    first bad entry, exactly as the single loop would, or _Fallback. `hints`: the keys the
+    workers checked signatures with (None: signatures not checked)."""
+    keys = dict(trusted)
+    since = dict.fromkeys(keys, -1)  # seq from which each actor's key holds
+    used: list[_Part] = []
+    head = GENESIS_HASH
+    end_of_log: int | None = None  # set once a range ended before its stop
+    for part in parts:
+        if end_of_log is not None:
+            if part.first_seq is not None:
+                raise EntryError(end_of_log, f"missing; the next stored entry is {part.first_seq}")
+            continue
+        if part.first_seq is not None and part.prev != head:
+            raise _Fallback("a row changed between two workers' reads")
+        failure = _first([part.failure, _key_failure(part, keys, since)])
+        bad_sig = part.bad_signature
+        if hints is not None:
+            _check_hints(part, hints, keys, failure, bad_sig)
+        if bad_sig is not None and (failure is None or bad_sig[0] < failure[0]):
+            raise EntryError(*bad_sig)
+        if failure is not None:
+            raise EntryError(*failure)
+        used.append(part)
+        head = part.last or head
+        if part.stop is None or part.end < part.stop:
+            end_of_log = part.end
+    commitments: dict[tuple[int, str], str] = {}
+    erased: set[tuple[int, str]] = set()
+    for part in used:
+        commitments.update(part.commitments)
+        erased |= part.erased
+    return _Stitched(
+        size=used[-1].end if used else 0,
+        head=head,
+        keys=keys,
+        levels=_tree_levels([p.levels for p in used]),
+        commitments=commitments,
+        erased=erased,
+    )
+
+
+def _check_hints(
+    part: _Part,
+    hints: Mapping[str, bytes],
+    keys: Mapping[str, bytes],
+    failure: tuple[int, str] | None,
+    bad_sig: tuple[int, str] | None,
+) -> None:
+    """The single loop checks the signatures of entries before the first failure, each with
+    its actor's registered key; the worker used the hinted key up to its first bad signature.
+    Both agree if the keys agree for every actor signing in between."""
+    bound = min(
+        failure[0] if failure else float("inf"), bad_sig[0] + 1 if bad_sig else float("inf")
+    )
+    for (actor, _kid), seq in part.first_use.items():
+        if seq < bound and hints.get(actor) != keys.get(actor):
+            raise _Fallback(f"the hinted key of {actor!r} is not its registered key")
+
+
+def _first(failures: Iterable[tuple[int, str] | None]) -> tuple[int, str] | None:
+    found = [f for f in failures if f is not None]
+    return min(found) if found else None
+
+
+def _key_failure(
+    part: _Part, keys: dict[str, bytes], since: dict[str, int]
+) -> tuple[int, str] | None:
+    """The part's first entry whose key does not check against keys registered before it
+    (here or in earlier parts); extends keys and since with the part's registrations."""
+    failure = None
+    for seq, actor, key, kid_ok in part.registrations:
+        if actor in keys and keys[actor] != key:
+            failure = (seq, f"actor {actor!r} re-registered with a different key")
+            break
+        if not kid_ok:
+            failure = (seq, "key id does not match the actor's registered key")
+            break
+        if actor not in keys:
+            keys[actor], since[actor] = key, seq
+    # An actor's key never changes once registered, so each (actor, key id) pair fails at its
+    # first use or nowhere.
+    for (actor, kid), seq in part.first_use.items():
+        if failure is not None and seq > failure[0]:
+            continue
+        if since.get(actor, seq) >= seq:
+            failure = _first([failure, (seq, f"actor {actor!r} signs before registering a key")])
+        elif kid != _keys.key_id(actor, keys[actor]).hex():
+            failure = _first([failure, (seq, "key id does not match the actor's registered key")])
+    return failure
+
+
+class _Packed(Sequence[bytes]):
+    """Hashes packed end to end in one bytes object."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // merkle.HASH_SIZE
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]  # no slices
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i = index * merkle.HASH_SIZE
+        return self.data[i : i + merkle.HASH_SIZE]
+
+
+def _tree_levels(parts: list[list[bytes]]) -> list[Sequence[bytes]]:
+    """The whole tree's levels from the parts' packed levels: each part's nodes at level l
+    are the tree's (its range starts at a multiple of 2**l), and the few levels above the
+    parts' tops are built here."""
+    if not parts or not parts[0]:
+        return [[]]
+    levels: list[Sequence[bytes]] = [
+        _Packed(b"".join(p[level] for p in parts if p)) for level in range(len(parts[0]))
+    ]
+    top: Sequence[bytes] = list(levels[-1])
+    while len(top) > 1:
+        top = merkle._next_level(top)
+        levels.append(top)
+    return levels
 
 
 # ---------------------------------------------------------------- signatures
@@ -250,20 +738,30 @@ def check_signatures(
 def _check_chunk(jobs: Sequence[tuple[int, bytes, str, bytes]]) -> tuple[int, str] | None:
     verifiers: dict[bytes, object] = {}
     for seq, body, signature, public_key in jobs:
-        try:
-            if jcs.dumps(_loads(body)) != body:
-                return seq, "body is not in canonical (RFC 8785) form"
-            pk = verifiers.get(public_key)
-            if pk is None:
-                pk = verifiers[public_key] = _keys.Ed25519PublicKey.from_public_bytes(public_key)
-            sig = unb64(signature)
-            if len(sig) != _keys.SIGNATURE_SIZE:
-                return seq, "signature is not 64 bytes"
-            pk.verify(sig, body)  # type: ignore[attr-defined]
-        except _keys.InvalidSignature:
-            return seq, "signature does not verify"
-        except (ValueError, TypeError):
-            return seq, "signature is not valid base64"
+        reason = _signature_failure(body, signature, public_key, verifiers)
+        if reason is not None:
+            return seq, reason
+    return None
+
+
+def _signature_failure(
+    body: bytes, signature: str, public_key: bytes, verifiers: dict[bytes, object]
+) -> str | None:
+    """Why one entry's canonical form or signature fails, else None."""
+    try:
+        if jcs.dumps(_loads(body)) != body:
+            return "body is not in canonical (RFC 8785) form"
+        pk = verifiers.get(public_key)
+        if pk is None:
+            pk = verifiers[public_key] = _keys.Ed25519PublicKey.from_public_bytes(public_key)
+        sig = unb64(signature)
+        if len(sig) != _keys.SIGNATURE_SIZE:
+            return "signature is not 64 bytes"
+        pk.verify(sig, body)  # type: ignore[attr-defined]
+    except _keys.InvalidSignature:
+        return "signature does not verify"
+    except (ValueError, TypeError):
+        return "signature is not valid base64"
     return None
 
 
@@ -303,13 +801,13 @@ def _check_payloads(
 
 
 def _check_checkpoints(
-    hashes: list[bytes],
+    n: int,
+    roots_of: Callable[[Sequence[int]], list[bytes]],
     stored: Sequence[tuple],
     log: tuple[str, str] | None,
     pinned_vkey: str | None,
     pinned_notes: Sequence[str],
 ) -> tuple[int, int, str, bytes]:
-    n = len(hashes)
     vkey = pinned_vkey or (log[1] if log else None)
     origin = log[0] if log and not pinned_vkey else None
     if (stored or pinned_notes) and not vkey:
@@ -336,7 +834,7 @@ def _check_checkpoints(
         if cp.size > n:
             raise EntryError(n, f"missing; the checkpoint at size {cp.size} covers it")
     sizes = [cp.size for _, cp in parsed] + [cp.size for cp in external]
-    roots = merkle.prefix_roots(hashes, [*sizes, n])
+    roots = roots_of([*sizes, n])
     full_root = roots[-1]
     for (_row, cp), root in zip(parsed, roots, strict=False):
         if cp.root_hash != root:
