@@ -31,19 +31,26 @@ from ledger.verify import verify_ledger
 ORIGIN = "medfed.bench/log"
 
 
-def run(workdir: Path | None = None) -> dict[str, float]:
+def run(
+    workdir: Path | None = None,
+    *,
+    entries: int = 1_000_000,
+    signed_entries: int = 100_000,
+    appends: int = 5000,
+) -> dict[str, float]:
+    """The figures above; the sizes are parameters only so tests can run it small."""
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
-        figures = {"ledger_appends_per_s_sqlite": appends_per_s(root / "appends.db")}
+        figures = {"ledger_appends_per_s_sqlite": appends_per_s(root / "appends.db", n=appends)}
         figures["ledger_verify_1m_chain_merkle_s"] = verify_seconds(
-            root / "1m.db", 1_000_000, signed=False
+            root / "1m.db", entries, signed=False
         )
         figures["ledger_verify_100k_with_signatures_s"] = verify_seconds(
-            root / "100k.db", 100_000, signed=True
+            root / "100k.db", signed_entries, signed=True
         )
-        figures["inclusion_proof_bytes_ratio"] = proof_ratio(1_000_000)
+        figures["inclusion_proof_bytes_ratio"] = proof_ratio(entries)
     return figures
 
 

@@ -73,3 +73,18 @@ def test_a_round_that_did_not_train_every_site_is_not_timed() -> None:
         require_every_site_trained(_summary("committed", (True, False)), "Prefect")
     with pytest.raises(StepError, match="did not train every site"):
         require_every_site_trained(_summary("budget_exhausted", (False, False)), "direct")
+
+
+def test_the_ledger_bench_runs_end_to_end_in_a_new_scratch_folder(tmp_path) -> None:
+    from ledger.bench import run
+
+    scratch = tmp_path / "not" / "there" / "yet"
+    figures = run(scratch, entries=3000, signed_entries=600, appends=1000)
+    assert set(figures) == {
+        "ledger_appends_per_s_sqlite",
+        "ledger_verify_1m_chain_merkle_s",
+        "ledger_verify_100k_with_signatures_s",
+        "inclusion_proof_bytes_ratio",
+    }
+    assert all(v > 0 for v in figures.values())
+    assert scratch.is_dir() and not any(scratch.iterdir())  # its temp files are gone
