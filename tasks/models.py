@@ -221,10 +221,23 @@ def build(kind: str, *, features: int | None = None, hidden: int = 0) -> nn.Modu
 
 
 def initial(kind: str, *, seed: int, features: int | None = None, hidden: int = 0) -> nn.Module:
-    """The round-0 global model: identical at every site because it depends only on the seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build(kind, features=features, hidden=hidden)
+    """The round-0 global model: identical at every site because it depends only on the seed.
+
+    Drawn from a private generator, never torch's global RNG: sites initialise in parallel
+    threads, and a global seed set in one thread would be consumed or reset by another."""
+    model = build(kind, features=features, hidden=hidden)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            if not isinstance(module, nn.Linear):
+                raise StepError(f"no seeded initialisation for {type(module).__name__}")
+            # PyTorch's default for Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            bound = 1.0 / module.in_features**0.5
+            for p in own:
+                p.uniform_(-bound, bound, generator=generator)
     if kind == "cnn":
         # Start the output layer at zero: logit 0 everywhere, so DP noise in the first steps
         # is not added on top of a random projection. A hidden layer keeps its seeded random

@@ -384,7 +384,6 @@ def train_local(
     start = time.perf_counter()
     device = pick_device()
     dp = settings.noise_multiplier is not None
-    torch.manual_seed(settings.seed)
     # DP noise and Poisson sampling must be unpredictable: drawn from generators seeded by the
     # public federation seed, anyone holding the config could subtract the noise and replay
     # the sampling. So with DP they are seeded from fresh OS entropy on every run; without

@@ -44,6 +44,45 @@ def test_hidden_head_starts_with_zero_output_and_seeded_hidden_layer() -> None:
     assert hidden.weight.std() > 0  # not zero: zero hidden units would never differ
 
 
+@pytest.mark.parametrize("kind", ["cnn", "mlp", "logistic"])
+def test_round_zero_model_is_the_same_in_parallel_threads_whatever_the_global_rng(kind) -> None:
+    """Sites initialise concurrently in one process; another thread seeding or drawing from
+    torch's global RNG meanwhile must not change the round-0 model (it once did, and the
+    sites then decrypted different global models)."""
+    import threading
+
+    kw = {"seed": 5, "hidden": 16} | ({} if kind == "cnn" else {"features": 7})
+    want = models.flat_params(models.initial(kind, **kw))
+    got: list[np.ndarray] = []
+    stop = threading.Event()
+
+    def disturb() -> None:
+        while not stop.is_set():
+            torch.manual_seed(0)
+            torch.rand(64)
+
+    noise = threading.Thread(target=disturb)
+    noise.start()
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda: got.append(models.flat_params(models.initial(kind, **kw)))
+            )
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        noise.join()
+    assert len(got) == 8
+    for params in got:
+        np.testing.assert_array_equal(params, want)
+    assert models.flat_params(models.initial(kind, **(kw | {"seed": 6}))).tolist() != want.tolist()
+
+
 def test_mlp_needs_hidden_units() -> None:
     with pytest.raises(StepError, match="hidden unit"):
         models.build("mlp", features=4, hidden=0)
