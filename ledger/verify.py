@@ -210,7 +210,10 @@ def verify_source(
         if signatures:
             sig_jobs.append((seq, body, row[3], public_key))
         if action == erase or get("commitments"):
-            _collect_erasable(seq, fields, commitments, erased)
+            malformed = _collect_erasable(seq, fields, commitments, erased)
+            if malformed:
+                failure = (seq, malformed)
+                break
         add_hash(digest)
         prev_hex = digest_hex
         n += 1
@@ -280,13 +283,26 @@ def _column_failure(row: Sequence, fields: dict) -> str:
 
 def _collect_erasable(
     seq: int, fields: dict, commitments: dict[tuple[int, str], str], erased: set[tuple[int, str]]
-) -> None:
-    if fields.get("commitments"):
-        for name, value in fields["commitments"].items():
+) -> str | None:
+    """Record the entry's personal-field commitments and the (seq, field) pairs it erases;
+    return why they are malformed (a signed entry can still be nonsense), else None."""
+    committed = fields.get("commitments")
+    if committed:
+        if type(committed) is not dict:
+            return "commitments are not an object"
+        for name, value in committed.items():
             commitments[(seq, name)] = value
     if fields.get("action") == _ERASE:
-        for item in (fields.get("details") or {}).get("erased", []):
-            erased.add((item.get("seq"), item.get("field")))
+        details = fields.get("details") or {}
+        items = details.get("erased", []) if type(details) is dict else None
+        if type(items) is not list or not all(
+            type(i) is dict and type(i.get("seq")) is int and type(i.get("field")) is str
+            for i in items
+        ):
+            return "erase entry does not list (seq, field) pairs"
+        for item in items:
+            erased.add((item["seq"], item["field"]))
+    return None
 
 
 def _key_for(fields: dict, keys: Mapping[str, bytes], register: str) -> bytes:
@@ -550,10 +566,9 @@ def _scan(ledger: Ledger, task: _Range) -> _Part:
             if reason is not None:
                 bad_signature = (seq, reason)
         if action == erase or get("commitments"):
-            try:
-                _collect_erasable(seq, fields, commitments, erased)
-            except Exception as exc:  # the single loop raises it, or fails earlier
-                raise _Fallback(f"entry {seq}: {exc!r}") from exc
+            # The single loop names it, after any failure this row's key check would add.
+            if _collect_erasable(seq, fields, commitments, erased):
+                raise _Fallback(f"entry {seq} has malformed erasable fields")
         add_hash(digest)
         prev_hex = digest_hex
         n += 1

@@ -207,7 +207,7 @@ class GhostClipper:
         # The order of `module.parameters()`: each Linear's weight, then its bias.
         self.params = [p for m in self.linears for p in m.parameters()]
         # Linear and ReLU layers ending in one logit: backpropagate by hand, which saves
-        # autograd's bookkeeping (a third of a step this small). Anything else: autograd.
+        # autograd's bookkeeping (~17% of a clipped step here). Anything else: autograd.
         self.by_hand = isinstance(module[-1], nn.Linear) and module[-1].out_features == 1
         self.by_hand &= all(isinstance(m, nn.Linear | nn.ReLU) for m in module)
 

@@ -315,6 +315,29 @@ def test_payload_deleted_without_an_erasure_entry_or_edited_is_detected(url):
     assert info.value.seq == 8
 
 
+@pytest.mark.parametrize(
+    "details",
+    [{"erased": [5]}, {"erased": "all"}, {"erased": [{"seq": [1], "field": "x"}]}],
+    ids=["items-not-objects", "not-a-list", "unhashable-seq"],
+)
+def test_a_signed_but_malformed_erase_entry_is_named_not_a_crash(url, details):
+    """Signed by a registered key and still nonsense: verification names the entry."""
+    ledger = filled(url)
+    appended = ledger.append(
+        Event(
+            actor=DPO.name,
+            action=Action.ERASE,
+            job="erasure",
+            idempotency_key="erase/malformed",
+            details=details,
+        ),
+        DPO,
+    )
+    with pytest.raises(EntryError, match="erase entry does not list") as info:
+        verify_ledger(url)
+    assert info.value.seq == appended.seq
+
+
 # ---------------------------------------------------------------- queries and FHIR
 
 
