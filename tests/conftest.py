@@ -1,5 +1,7 @@
 import os
+import uuid
 
+import psycopg
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -27,3 +29,19 @@ def postgres_url() -> str:
             pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} (CI must provide it)")
         pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
     return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """A fresh, empty ledger URL on each back end: a SQLite file, or a PostgreSQL schema of
+    its own (dropped afterwards) in the test database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.db"
+        return
+    base = request.getfixturevalue("postgres_url")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield f"{base}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -5,10 +5,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-import uuid
-
-import psycopg
-import pytest
 
 from ledger import keys
 from ledger.entry import Action, Event
@@ -18,20 +14,6 @@ from ledger.verify import verify_ledger
 PROCS = 8
 PER_PROC = 1000
 BATCH = 10  # entries per transaction; every entry is still sealed and signed on its own
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    schema = f"c_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _event(worker: int, i: int) -> Event:

@@ -2,9 +2,7 @@
 
 import base64
 import json
-import uuid
 
-import psycopg
 import pytest
 import rfc8785
 from hypothesis import given, settings
@@ -24,20 +22,6 @@ LOG = keys.generate("medfed-log")
 DPO = keys.generate("dpo")
 ORIGIN = "medfed.test/log"
 VKEY = note.format_vkey(LOG)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    schema = f"f_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _round(ledger: Ledger, job: str, r: int, model: str) -> None:

@@ -6,9 +6,7 @@ tiny here so that tampers land on range boundaries and key checks span ranges.""
 import base64
 import dataclasses
 import json
-import uuid
 
-import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -25,20 +23,6 @@ ORIGIN = "medfed.test/ranges"
 VKEY = note.format_vkey(LOG)
 SPAN = 4  # entries per range unless a test says otherwise: boundaries at 4, 8, 12, 16
 ENTRIES = 21
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    schema = f"r_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def build(url: str) -> Ledger:

@@ -2,9 +2,7 @@
 
 import base64
 import json
-import uuid
 
-import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -12,21 +10,6 @@ from ledger import LedgerError, keys
 from ledger.entry import Action, Event
 from ledger.store import Ledger
 from ledger.verify import EntryError, verify_ledger
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
 
 SITE = keys.generate("site-a")
 COORD = keys.generate("coordinator")
@@ -59,9 +42,9 @@ def execute(ledger: Ledger, sql: str, **params) -> None:
         conn.execute(text(sql), params)
 
 
-def test_appends_chain_register_keys_and_verify(ledger_url):
-    ledger = filled(ledger_url)
-    report = verify_ledger(ledger_url)
+def test_appends_chain_register_keys_and_verify(url):
+    ledger = filled(url)
+    report = verify_ledger(url)
     # 12 events plus one register_key entry per actor, before its first event.
     assert report.entries == 14 == ledger.size()
     assert report.actors == ("coordinator", "site-a")
@@ -74,20 +57,20 @@ def test_appends_chain_register_keys_and_verify(ledger_url):
     assert all(bodies[i + 1]["prev"] != bodies[i]["prev"] for i in range(13))
 
 
-def test_reappending_the_same_event_is_a_no_op(ledger_url):
-    ledger = filled(ledger_url, 2)
+def test_reappending_the_same_event_is_a_no_op(url):
+    ledger = filled(url, 2)
     before = ledger.size()
     again = ledger.append(event(1, SITE), SITE)
     assert again.created is False
     assert ledger.size() == before
-    verify_ledger(ledger_url)
+    verify_ledger(url)
 
 
-def test_an_actor_cannot_switch_keys(ledger_url):
-    filled(ledger_url, 1)
+def test_an_actor_cannot_switch_keys(url):
+    filled(url, 1)
     impostor = keys.generate("site-a")
     with pytest.raises(LedgerError, match="different key"):
-        Ledger(ledger_url).append(event(9, SITE), impostor)
+        Ledger(url).append(event(9, SITE), impostor)
 
 
 TAMPERS = {
@@ -101,8 +84,8 @@ TAMPERS = {
 
 
 @pytest.mark.parametrize("name", sorted(TAMPERS))
-def test_tampering_is_detected_and_names_the_first_bad_entry(ledger_url, name):
-    ledger = filled(ledger_url)
+def test_tampering_is_detected_and_names_the_first_bad_entry(url, name):
+    ledger = filled(url)
     sql, seq = TAMPERS[name]
     row = next(r for r in ledger.rows() if r.seq == seq)
     sig = bytearray(base64.b64decode(row.signature))
@@ -117,24 +100,24 @@ def test_tampering_is_detected_and_names_the_first_bad_entry(ledger_url, name):
         new='"samples":90',
     )
     with pytest.raises(EntryError) as info:
-        verify_ledger(ledger_url)
+        verify_ledger(url)
     assert info.value.seq == seq
     assert f"entry {seq}" in str(info.value)
 
 
-def test_reordering_rows_is_detected(ledger_url):
-    ledger = filled(ledger_url)
+def test_reordering_rows_is_detected(url):
+    ledger = filled(url)
     execute(ledger, "UPDATE ledger_entry SET seq = -1 WHERE seq = 4")
     execute(ledger, "UPDATE ledger_entry SET seq = 4 WHERE seq = 5")
     execute(ledger, "UPDATE ledger_entry SET seq = 5 WHERE seq = -1")
     with pytest.raises(EntryError) as info:
-        verify_ledger(ledger_url)
+        verify_ledger(url)
     assert info.value.seq == 4
 
 
-def test_inserted_forged_entry_is_detected(ledger_url):
+def test_inserted_forged_entry_is_detected(url):
     """A row copied from elsewhere in the chain and appended breaks the chain at its seq."""
-    ledger = filled(ledger_url)
+    ledger = filled(url)
     row = next(r for r in ledger.rows() if r.seq == 3)
     execute(
         ledger,
@@ -153,12 +136,12 @@ def test_inserted_forged_entry_is_detected(ledger_url):
         signature=row.signature,
     )
     with pytest.raises(EntryError) as info:
-        verify_ledger(ledger_url)
+        verify_ledger(url)
     assert info.value.seq == 14
 
 
-def test_no_patient_identifier_fields_in_entries(ledger_url):
-    ledger = filled(ledger_url, 1)
+def test_no_patient_identifier_fields_in_entries(url):
+    ledger = filled(url, 1)
     for body in ledger.events():
         flat = json.dumps(body).lower()
         for forbidden in ("patientname", "patientid", "birth"):
