@@ -155,42 +155,18 @@ def verify_source(
     failure: tuple[int, str] | None = None
     prev_hex = GENESIS_HASH.hex()
     # Locals: this loop runs once per entry.
-    sha256, loads, add_hash, register, erase = (
-        hashlib.sha256,
-        _loads,
-        hashes.append,
-        _REGISTER,
-        _ERASE,
-    )
+    add_hash, register, erase = hashes.append, _REGISTER, _ERASE
     columns = source.columns
     n = 0
 
     for row in source.rows:
         seq = row[0]
-        if seq != n:
-            failure = (n, f"missing; the next stored entry is {seq}")
+        checked = _check_row(row, n, prev_hex, columns)
+        if len(checked) == 2:
+            failure = checked
             break
-        body = row[1].encode() if isinstance(row[1], str) else bytes(row[1])
-        digest = sha256(LEAF_PREFIX + body).digest()
-        digest_hex = digest.hex()
-        if digest_hex != row[2]:
-            failure = (seq, "entry hash does not match its body")
-            break
-        try:
-            fields = loads(body)
-        except ValueError:
-            failure = (seq, "body is not JSON")
-            break
-        if type(fields) is not dict or fields.get("seq") != seq:
-            failure = (seq, "body does not state its own sequence number")
-            break
+        body, digest, digest_hex, fields = checked
         get = fields.get
-        if get("prev") != prev_hex:
-            failure = (seq, "hash chain broken: prev does not match the previous entry")
-            break
-        if columns and tuple(row[4:11]) != tuple(map(get, INDEXED_FIELDS)):
-            failure = (seq, _column_failure(row, fields))
-            break
         actor = get("actor")
         action = get("action")
         public_key = keys.get(actor) if action != register else None
@@ -274,6 +250,35 @@ def _report(
         personal_fields=present,
         erased_fields=erased_count,
     )
+
+
+def _check_row(
+    row: Sequence, expected_seq: int, prev_hex: str | None, columns: bool
+) -> tuple[bytes, bytes, str, dict] | tuple[int, str]:
+    """The checks one stored row needs from nothing but itself and its predecessor's hash:
+    its place in the sequence, hash, JSON body, stated seq, chain link and (when the rows
+    carry them) indexed columns. Both the single loop and the range workers run every row
+    through it. Returns (body, digest, digest hex, fields), or (seq, why) for the first
+    failure: a pair, so callers tell the two apart by length (a tuple is cheapest here)."""
+    seq = row[0]
+    if seq != expected_seq:
+        return (expected_seq, f"missing; the next stored entry is {seq}")
+    body = row[1].encode() if isinstance(row[1], str) else bytes(row[1])
+    digest = hashlib.sha256(LEAF_PREFIX + body).digest()
+    digest_hex = digest.hex()
+    if digest_hex != row[2]:
+        return (seq, "entry hash does not match its body")
+    try:
+        fields = _loads(body)
+    except ValueError:
+        return (seq, "body is not JSON")
+    if type(fields) is not dict or fields.get("seq") != seq:
+        return (seq, "body does not state its own sequence number")
+    if prev_hex is None or fields.get("prev") != prev_hex:
+        return (seq, "hash chain broken: prev does not match the previous entry")
+    if columns and tuple(row[4:11]) != tuple(map(fields.get, INDEXED_FIELDS)):
+        return (seq, _column_failure(row, fields))
+    return body, digest, digest_hex, fields
 
 
 def _column_failure(row: Sequence, fields: dict) -> str:
@@ -504,13 +509,7 @@ def _scan(ledger: Ledger, task: _Range) -> _Part:
     failure: tuple[int, str] | None = None
     bad_signature: tuple[int, str] | None = None
     first_seq: int | None = None
-    sha256, loads, add_hash, register, erase = (
-        hashlib.sha256,
-        _loads,
-        hashes.append,
-        _REGISTER,
-        _ERASE,
-    )
+    add_hash, register, erase = hashes.append, _REGISTER, _ERASE
     hints, signatures = task.hints, task.signatures
     n = start
 
@@ -518,30 +517,13 @@ def _scan(ledger: Ledger, task: _Range) -> _Part:
         seq = row[0]
         if first_seq is None:
             first_seq = seq
-        if seq != n:
-            failure = (n, f"missing; the next stored entry is {seq}")
+        # No anchor (the entry before the range is missing) breaks the chain here.
+        checked = _check_row(row, n, prev_hex, True)
+        if len(checked) == 2:
+            failure = checked
             break
-        body = row[1].encode() if isinstance(row[1], str) else bytes(row[1])
-        digest = sha256(LEAF_PREFIX + body).digest()
-        digest_hex = digest.hex()
-        if digest_hex != row[2]:
-            failure = (seq, "entry hash does not match its body")
-            break
-        try:
-            fields = loads(body)
-        except ValueError:
-            failure = (seq, "body is not JSON")
-            break
-        if type(fields) is not dict or fields.get("seq") != seq:
-            failure = (seq, "body does not state its own sequence number")
-            break
+        body, digest, digest_hex, fields = checked
         get = fields.get
-        if prev_hex is None or get("prev") != prev_hex:
-            failure = (seq, "hash chain broken: prev does not match the previous entry")
-            break
-        if tuple(row[4:11]) != tuple(map(get, INDEXED_FIELDS)):
-            failure = (seq, _column_failure(row, fields))
-            break
         actor = get("actor")
         if type(actor) is not str:
             raise _Fallback(f"entry {seq} names a non-string actor")
