@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tasks.steps import RoundContext
 
 from flows.demo import prepare_demo
 from flows.round import RoundSummary, Submit, federated_round, run_round
@@ -30,7 +31,6 @@ from ledger.bench import run as ledger_bench
 from ledger.store import Ledger
 from tasks import StepError, models, secure_agg
 from tasks.config import FederationConfig, load_config
-from tasks.steps import RoundContext
 from tasks.train import dp_step_benchmark
 
 log = logging.getLogger("medfed.bench")

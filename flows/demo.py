@@ -1,10 +1,33 @@
-"""`medfed demo`: three synthetic DICOM hospitals and the federation file that trains on them."""
+"""`medfed demo`: three synthetic DICOM hospitals, each set up as its own site root, and the
+federation file that trains on them.
+
+What a consortium does by hand, the demo does in order: each hospital runs `site init` in its
+own root (keys created there), the coordinator registers each enrollment file (a ledger entry)
+and writes the federation file with the sites' public keys only, and each site approves the
+resulting training plan by its digest.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.config import load_config
+from ledger.store import Ledger
+from tasks.config import FederationConfig, SiteKind, load_config
+from tasks.coordinator_steps import (
+    record_enrollment,
+    site_entry_from_enrollment,
+    site_entry_toml,
+)
+from tasks.keyring import CoordinatorPaths, coordinator_identity
+from tasks.site import (
+    ENROLLMENT_FILE,
+    SITE_FILE,
+    Site,
+    approve_plan,
+    init_site,
+    load_site,
+    site_toml_text,
+)
 from tasks.synthetic import ensure_demo_cohorts
 
 DEMO_SEED = 7
@@ -15,18 +38,19 @@ DEMO_SEED = 7
 # memorise the mislabelled patients, which `medfed audit-privacy` shows; with DP they do not.
 _TEMPLATE = """\
 # medfed demo federation: written by `medfed demo`; edit and run with `medfed run`.
+# Sites are named with their public keys only; their data and secrets stay in their roots.
 name = "demo"
 rounds = {rounds}
-local_epochs = 20
+local_epochs = {epochs}
 batch_size = 16
 learning_rate = 0.25
 holdout_fraction = 0.25
 min_sites = 2
 seed = {seed}
-ledger_url = "sqlite:///ledger.db"
-artifact_store = "artifacts"
-site_root = "sites"
+ledger_url = "{ledger_url}"
+artifact_store = "{store}"
 coordinator_root = "coordinator"
+site_timeout_seconds = {timeout}
 
 [model]
 kind = "cnn"
@@ -46,37 +70,102 @@ update_clip_norm = 10.0
 poly_modulus_degree = 8192
 coeff_mod_bit_sizes = [60, 40, 60]
 global_scale_bits = 40
-{sites}"""
-
-_SITE = """
-[[sites]]
-name = "{name}"
-kind = "dicom"
-data = "data/{name}"
-labels = "data/{name}/manifest.csv"
 """
 
 
 def demo_config_text(
-    site_names: list[str],
     *,
     rounds: int,
     dp: bool,
     seed: int = DEMO_SEED,
     epsilon_budget: float = 2.0,
+    local_epochs: int = 20,
+    ledger_url: str = "sqlite:///ledger.db",
+    store: str = "artifacts",
+    timeout: float = 900.0,
 ) -> str:
-    sites = "".join(_SITE.format(name=n) for n in site_names)
+    """The federation file without its [[sites]]: `medfed register` appends those."""
     return _TEMPLATE.format(
-        rounds=rounds, dp=str(dp).lower(), seed=seed, budget=epsilon_budget, sites=sites
+        rounds=rounds,
+        dp=str(dp).lower(),
+        seed=seed,
+        budget=epsilon_budget,
+        epochs=local_epochs,
+        ledger_url=ledger_url,
+        store=store,
+        timeout=timeout,
     )
 
 
-def prepare_demo(workdir: Path, *, rounds: int, dp: bool, epsilon_budget: float = 2.0) -> Path:
-    """Generate the cohorts when absent and (re)write `workdir/federation.toml`."""
+def demo_site(root: Path, name: str, data: Path, *, coordinator_key: str, budget: float) -> Site:
+    """A hospital's site root over its data folder (created once, reused after)."""
+    if (root / SITE_FILE).exists():
+        return load_site(root)
+    return init_site(
+        root,
+        settings_text=site_toml_text(
+            name=name,
+            kind=SiteKind.DICOM,
+            data=str(data),
+            labels=str(data / "manifest.csv"),
+            federation="demo",
+            coordinator_key=coordinator_key,
+            model_kinds=["cnn"],
+            purposes=["HRESCH"],
+            epsilon_budget=budget,
+            delta=1e-5,
+        ),
+    )
+
+
+def assemble_federation(
+    config: Path, header: str, sites: list[Site], *, register: bool = True
+) -> FederationConfig:
+    """Write header + one [[sites]] block per enrollment; register each on the ledger; have
+    every site approve the plan. Returns the loaded federation."""
+    entries = [site_entry_from_enrollment(s.root / ENROLLMENT_FILE) for s in sites]
+    config.write_text(header + "".join(site_entry_toml(e) for e in entries), encoding="utf-8")
+    fed = load_config(config)
+    if register:
+        identity = coordinator_identity(CoordinatorPaths(root=fed.coordinator_root))
+        ledger = Ledger(fed.ledger_url)
+        for e in entries:
+            record_enrollment(ledger, identity, e, fed.name)
+    plan = fed.plan()
+    for s in sites:
+        approve_plan(s, plan)
+    return fed
+
+
+def prepare_demo(
+    workdir: Path,
+    *,
+    rounds: int,
+    dp: bool,
+    epsilon_budget: float = 2.0,
+    local_epochs: int = 20,
+    site_budget: float = 10.0,
+    cohorts: Path | None = None,
+    **header: object,
+) -> Path:
+    """Cohorts (generated when absent), site roots, coordinator keys, `workdir/federation.toml`."""
     workdir = Path(workdir).resolve()
-    cohorts = ensure_demo_cohorts(workdir / "data", seed=DEMO_SEED)
+    data = Path(cohorts) if cohorts else workdir / "data"
+    found = ensure_demo_cohorts(data, seed=DEMO_SEED)
+    coordinator = coordinator_identity(CoordinatorPaths(root=workdir / "coordinator"))
+    sites = [
+        demo_site(
+            workdir / "sites" / name,
+            name,
+            found[name],
+            coordinator_key=coordinator.public_key.hex(),
+            budget=site_budget,
+        )
+        for name in sorted(found)
+    ]
     config = workdir / "federation.toml"
-    text = demo_config_text(sorted(cohorts), rounds=rounds, dp=dp, epsilon_budget=epsilon_budget)
-    config.write_text(text, encoding="utf-8")
-    load_config(config)  # the file we wrote must itself be valid
+    text = demo_config_text(
+        rounds=rounds, dp=dp, epsilon_budget=epsilon_budget, local_epochs=local_epochs, **header
+    )
+    assemble_federation(config, text, sites)
     return config

@@ -1,8 +1,11 @@
 """One federated round as a Prefect flow run named `<job>-round-<n>`.
 
-Sites run preprocess -> train -> clip_and_noise -> encrypt -> upload in parallel (task
-futures); the coordinator aggregates ciphertexts; every site decrypts and evaluates; the
-coordinator commits the round once every site reports the same global model version.
+The coordinator sends each active site a signed `train` instruction (in parallel, with a
+per-site timeout), classifies every site from its signed report (completed / refused /
+timed out / failed), aggregates the ciphertexts of the sites that completed when at least
+`min_sites` did, sends `evaluate`, and commits once the evaluating sites agree on the model.
+Fewer than `min_sites` completed because of failures: the round FAILS, so Retry in the UI
+re-runs it, reusing every site that already completed and rescheduling only the others.
 """
 
 from __future__ import annotations
@@ -10,24 +13,30 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.config import load_config
-from tasks.evaluate import Metrics, weighted
-from tasks.steps import (
-    RoundContext,
-    clip_and_noise_task,
-    commit_round_task,
-    encrypt_task,
-    evaluate_task,
-    preprocess_task,
-    secure_aggregate_task,
-    train_task,
-    upload_task,
+from flows.dispatch import (
+    Dispatcher,
+    InProcessDispatcher,
+    Outcome,
+    PhaseCall,
+    SiteOutcome,
+    WorkerDispatcher,
 )
+from tasks import WorkFailed
+from tasks.config import load_config
+from tasks.coordinator_steps import (
+    CoordinatorRun,
+    aggregate,
+    commit_round,
+    committed_model,
+    record_drop,
+)
+from tasks.evaluate import Metrics, weighted
+from tasks.messages import GlobalModel, Phase, make_instruction, ref_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,123 +90,191 @@ def to_markdown(s: RoundSummary) -> str:
     return "\n".join(lines)
 
 
-class Submit(Protocol):
-    """Schedules a step: Prefect's `task.submit`, or a thread pool over the plain function."""
-
-    def __call__(self, step: Any, *args: Any) -> Any: ...
+def dispatcher_for(sites_dir: str | None) -> Dispatcher:
+    return InProcessDispatcher(Path(sites_dir)) if sites_dir else WorkerDispatcher()
 
 
-def resolve(futures: dict[str, Any]) -> dict[str, Any]:
-    return {key: f.result() for key, f in futures.items()}
+def phase_call(run: CoordinatorRun, phase: Phase, sites: list[str], **refs: Any) -> PhaseCall:
+    """Signed instructions for `sites`; refs that differ per site are mappings by site."""
+    instructions = {}
+    for site in sites:
+        own = {k: (v.get(site) if isinstance(v, dict) else v) for k, v in refs.items()}
+        instructions[site] = make_instruction(
+            signer=run.identity,
+            job=run.job,
+            round=run.round,
+            phase=phase,
+            site=site,
+            plan=run.plan,
+            plan_digest=run.digest,
+            timeout_seconds=run.fed.site_timeout_seconds,
+            **own,
+        )
+    return PhaseCall(
+        job=run.job,
+        round=run.round,
+        phase=phase,
+        store=run.fed.artifact_store,
+        instructions=instructions,
+        public_keys={s: run.site_key(s) for s in sites},
+        timeout=run.fed.site_timeout_seconds,
+    )
 
 
-def prefect_submit(step: Any, *args: Any) -> Any:
-    return step.submit(*args)
+def record_drops(
+    run: CoordinatorRun, outcomes: dict[str, SiteOutcome], phase: Phase, logger: Any
+) -> dict[str, str]:
+    """Sites that timed out, failed or refused the instruction: a ledger entry each."""
+    dropped = {}
+    for site, o in sorted(outcomes.items()):
+        budget_refusal = o.outcome == Outcome.REFUSED and (
+            o.report and o.report.data.get("refused") == "budget"
+        )
+        if o.outcome == Outcome.COMPLETED or budget_refusal:
+            continue
+        reason = f"{o.outcome}: {o.reason}" if o.reason else str(o.outcome)
+        logger.warning("site %s dropped from %s of round %d: %s", site, phase, run.round, reason)
+        record_drop(run, site, str(phase), str(o.outcome), o.reason)
+        dropped[site] = reason
+    return dropped
+
+
+def site_refs(prepared: dict[str, Any]) -> dict[str, Any]:
+    """The CKKS references every instruction after `prepare` carries."""
+    return {
+        "ckks_public": ref_of(prepared.get("ckks_public")),
+        "ckks_secret": {s: ref_of(r) for s, r in prepared.get("ckks_sealed", {}).items()},
+    }
+
+
+def global_model(run: CoordinatorRun) -> GlobalModel:
+    """The model round `run.round` starts from, with every aggregate that built it."""
+    aggregates, model = [], ""
+    for k in range(1, run.round):
+        committed = committed_model(run, k)
+        if committed is None:
+            raise WorkFailed(f"round {k} of job {run.job} is not committed; run it first")
+        model, ref = committed
+        aggregates.append(ref)
+    return GlobalModel(round=run.round - 1, model_hash=model, aggregates=tuple(aggregates))
 
 
 def run_round(
-    rc: RoundContext, submit: Submit, logger: logging.Logger | logging.LoggerAdapter
+    run: CoordinatorRun,
+    dispatcher: Dispatcher,
+    prepared: dict[str, Any],
+    logger: logging.Logger | logging.LoggerAdapter,
 ) -> RoundSummary:
-    """One round's orchestration; the same code runs under Prefect and directly (bench)."""
-    fed, job, round_number = rc.fed, rc.job, rc.round
-    names = [s.name for s in fed.sites]
+    """One round's orchestration, the same under Prefect and in the benchmark."""
+    fed, job, r = run.fed, run.job, run.round
+    active: list[str] = list(prepared["active"])
+    refs = site_refs(prepared)
+    start_from = global_model(run)
 
-    prepared = {s: submit(preprocess_task, s, rc) for s in names}
-    trained_f = {s: submit(train_task, s, rc, prepared[s]) for s in names}
-    # Resolve upstream first: a failed step then raises its own error, not the
-    # "unfinished run" of the step waiting on it.
-    resolve(prepared)
-    trained = resolve(trained_f)
-    participants = [s for s in names if trained[s].trained]
-    for s in names:
-        if not trained[s].trained:
-            logger.warning("site %s refused round %d: %s", s, round_number, trained[s].reason)
-    if len(participants) < fed.min_sites:
+    trained = dispatcher.run(
+        phase_call(run, Phase.TRAIN, active, global_model=start_from, **refs), active
+    )
+    dropped = record_drops(run, trained, Phase.TRAIN, logger)
+    done = [s for s in active if trained[s].outcome == Outcome.COMPLETED]
+    refused = [s for s in active if s not in done and s not in dropped]
+    for s in refused:
+        logger.warning("site %s refused round %d: %s", s, r, trained[s].reason)
+    if len(done) < fed.min_sites:
+        if dropped:
+            raise WorkFailed(
+                f"round {r}: only {len(done)} of {len(active)} sites completed training, fewer "
+                f"than min_sites={fed.min_sites} (dropped: {', '.join(sorted(dropped))}); the "
+                "completed sites are kept: retry the round"
+            )
         message = (
-            f"budget exhausted: only {len(participants)} of {len(names)} sites can train "
-            f"round {round_number}, fewer than min_sites={fed.min_sites}"
+            f"budget exhausted: only {len(done)} of {len(active)} sites can train "
+            f"round {r}, fewer than min_sites={fed.min_sites}"
         )
         logger.warning(message)
         return RoundSummary(
             job=job,
-            round=round_number,
+            round=r,
             status="budget_exhausted",
             model_hash="",
             weighted_auc=float("nan"),
             weighted_accuracy=float("nan"),
             aggregate_seconds=0.0,
-            sites=tuple(
-                SiteRow(
-                    site=s,
-                    trained=trained[s].trained,
-                    auc=float("nan"),
-                    accuracy=float("nan"),
-                    heldout=0,
-                    epsilon=trained[s].epsilon,
-                    bytes_uploaded=0,
-                    seconds={},
-                    note=trained[s].reason,
-                )
-                for s in names
-            ),
+            sites=tuple(_row(s, trained[s], None) for s in active),
             message=message,
         )
 
-    updates = {s: submit(clip_and_noise_task, s, rc, trained[s]) for s in participants}
-    ciphers = {s: submit(encrypt_task, s, rc, updates[s]) for s in participants}
-    uploads = {s: submit(upload_task, s, rc, ciphers[s]) for s in participants}
-    resolve(updates), resolve(ciphers)
-    upload_refs = list(resolve(uploads).values())
-    aggregate = submit(secure_aggregate_task, rc, upload_refs).result()
-    evals = {s: submit(evaluate_task, s, rc, prepared[s], aggregate) for s in names}
-    eval_refs = resolve(evals)
-    version = submit(
-        commit_round_task, rc, list(trained.values()), list(eval_refs.values()), aggregate
-    ).result()
+    public = run.paths.ckks_public.read_bytes() if run.paths.ckks_public.exists() else None
+    if public is None:
+        from tasks.coordinator_steps import public_ckks
 
-    overall = weighted([Metrics(auc=e.auc, accuracy=e.accuracy, n=e.n) for e in eval_refs.values()])
-    rows = []
-    for s in names:
-        seconds = {"preprocess": prepared[s].result().seconds, "train": trained[s].seconds}
-        if s in participants:
-            seconds |= {
-                "clip": updates[s].result().seconds,
-                "encrypt": ciphers[s].result().seconds,
-                "upload": uploads[s].result().seconds,
-            }
-        seconds["evaluate"] = eval_refs[s].seconds
-        rows.append(
-            SiteRow(
-                site=s,
-                trained=trained[s].trained,
-                auc=eval_refs[s].auc,
-                accuracy=eval_refs[s].accuracy,
-                heldout=eval_refs[s].n,
-                epsilon=trained[s].epsilon,
-                bytes_uploaded=uploads[s].result().artifact.size if s in participants else 0,
-                seconds=seconds,
-                note=trained[s].reason,
-            )
-        )
-    logger.info(
-        "round %d committed: weighted AUC %.3f, model %s", round_number, overall.auc, version[:12]
+        public = public_ckks(run, prepared)
+    agg = aggregate(run, [trained[s].report for s in done], public)
+    evaluators = [s for s in active if s not in dropped]
+    evals = dispatcher.run(
+        phase_call(
+            run, Phase.EVALUATE, evaluators, global_model=start_from, aggregate=agg.artifact, **refs
+        ),
+        evaluators,
     )
+    dropped |= record_drops(run, evals, Phase.EVALUATE, logger)
+    evaluated = [s for s in evaluators if evals[s].outcome == Outcome.COMPLETED]
+    if not evaluated:
+        raise WorkFailed(f"round {r}: no site evaluated the aggregate; retry the round")
+    reports = [evals[s].report for s in evaluated]
+    version = commit_round(
+        run,
+        trained=done,
+        refused=refused,
+        dropped=dropped,
+        evaluations=reports,
+        aggregate_ref=agg,
+    )
+    overall = weighted(
+        [
+            Metrics(auc=e.data["auc"], accuracy=e.data["accuracy"], n=e.data["heldout"])
+            for e in reports
+        ]
+    )
+    logger.info("round %d committed: weighted AUC %.3f, model %s", r, overall.auc, version[:12])
     return RoundSummary(
         job=job,
-        round=round_number,
+        round=r,
         status="committed",
         model_hash=version,
         weighted_auc=overall.auc,
         weighted_accuracy=overall.accuracy,
-        aggregate_seconds=aggregate.seconds,
-        sites=tuple(rows),
+        aggregate_seconds=agg.seconds,
+        sites=tuple(_row(s, trained[s], evals.get(s), dropped.get(s, "")) for s in active),
+    )
+
+
+def _row(site: str, trained: SiteOutcome, evaluated: SiteOutcome | None, note: str = "") -> SiteRow:
+    t = trained.report.data if trained.report else {}
+    e = evaluated.report.data if evaluated and evaluated.report else {}
+    update = t.get("update") or {}
+    return SiteRow(
+        site=site,
+        trained=trained.outcome == Outcome.COMPLETED,
+        auc=e.get("auc", float("nan")),
+        accuracy=e.get("accuracy", float("nan")),
+        heldout=e.get("heldout", 0),
+        epsilon=float(t.get("epsilon", float("nan"))),
+        bytes_uploaded=int(update.get("size", 0)),
+        seconds=dict(t.get("seconds", {})) | dict(e.get("seconds", {})),
+        note=note or trained.reason,
     )
 
 
 @flow(name="federated_round", flow_run_name="{job}-round-{round_number}", persist_result=False)
-def federated_round(config_path: str, job: str, round_number: int) -> RoundSummary:
-    rc = RoundContext(fed=load_config(Path(config_path)), job=job, round=round_number)
-    summary = run_round(rc, prefect_submit, get_run_logger())
+def federated_round(
+    config_path: str, job: str, round_number: int, sites_dir: str | None = None
+) -> RoundSummary:
+    fed = load_config(Path(config_path))
+    run = CoordinatorRun(fed=fed, job=job, round=round_number)
+    prepared = run.paths.load_state(job, "prepare")
+    if prepared is None:
+        raise WorkFailed(f"job {job} has not been prepared; run the training flow")
+    summary = run_round(run, dispatcher_for(sites_dir), prepared, get_run_logger())
     if summary.status == "committed":
         create_markdown_artifact(
             key=f"{job}-round-{round_number}".lower(),

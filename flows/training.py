@@ -1,8 +1,14 @@
-"""The federated training job: enrollment, rounds, resume, and the job's ledger entries."""
+"""The federated training job: pin the plan, prepare every site, run rounds, resume.
+
+A job is pinned to its plan: the job-start entry records the plan's digest, and resuming the
+job with a changed federation file is refused. Before round 1 every site runs `prepare`
+(instruction and policy checks, store and ledger reachable, data ingested, key material):
+a site that fails it is dropped before anyone trains, and with fewer than `min_sites` left the
+job stops before anyone spends budget.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,18 +16,19 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.round import RoundSummary, federated_round
-from ledger.entry import Action, Event
-from ledger.store import Ledger
-from tasks.config import FederationConfig, load_config
-from tasks.keyring import (
-    COORDINATOR,
-    CoordinatorPaths,
-    SitePaths,
-    coordinator_identity,
-    enroll,
-    log_identity,
+from flows.dispatch import Outcome
+from flows.round import RoundSummary, dispatcher_for, federated_round, phase_call, record_drops
+from ledger.entry import Action
+from tasks import WorkFailed
+from tasks.config import ConfigError, FederationConfig, load_config
+from tasks.coordinator_steps import (
+    CoordinatorRun,
+    check_enrolled,
+    checkpoint,
+    job_start_digest,
+    public_ckks,
 )
+from tasks.messages import Phase
 
 # The CLI listens here to print one table per round; flows never print.
 report_log = logging.getLogger("medfed.report")
@@ -31,20 +38,8 @@ def new_job_id(fed: FederationConfig, now: datetime | None = None) -> str:
     return f"{fed.name}-{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
 
 
-def enroll_federation(fed: FederationConfig) -> None:
-    enroll(
-        sites=[(s.name, SitePaths(root=fed.site_root / s.name)) for s in fed.sites],
-        coordinator=CoordinatorPaths(root=fed.coordinator_root),
-        ckks={
-            "poly_modulus_degree": fed.ckks.poly_modulus_degree,
-            "coeff_mod_bit_sizes": list(fed.ckks.coeff_mod_bit_sizes),
-            "global_scale_bits": fed.ckks.global_scale_bits,
-        },
-    )
-
-
-def committed_rounds(ledger: Ledger, job: str) -> set[int]:
-    return {e["round"] for e in ledger.events(job=job, action=str(Action.COMMIT_ROUND))}
+def committed_rounds(run: CoordinatorRun) -> set[int]:
+    return {e["round"] for e in run.ledger.events(job=run.job, action=str(Action.COMMIT_ROUND))}
 
 
 def _job_for_this_run(config_path: str, job: str | None) -> str:
@@ -63,55 +58,91 @@ def _run_name() -> str:
     return _job_for_this_run(params["config_path"], params.get("job"))
 
 
+def start_job(run: CoordinatorRun) -> None:
+    """The job-start entry pins the plan; a resumed job must present the same one."""
+    pinned = job_start_digest(run.ledger, run.job)
+    if pinned is not None and pinned != run.digest:
+        raise ConfigError(
+            f"job {run.job} was started with federation digest {pinned[:16]}, but the "
+            f"federation file now gives {run.digest[:16]}: restore the file, or start a new "
+            "job (omit --job)"
+        )
+    check_enrolled(run.ledger, run.fed)
+    fed = run.fed
+    run.recorder().record(
+        Action.JOB_START,
+        key=f"{run.job}/start",
+        inputs={"federation": run.digest},
+        details={
+            "sites": [s.name for s in fed.sites],
+            "rounds": fed.rounds,
+            "model": str(fed.model.kind),
+            "dp": fed.dp.model_dump(mode="json"),
+            "min_sites": fed.min_sites,
+        },
+    )
+
+
+def prepare_sites(run: CoordinatorRun, sites_dir: str | None, logger) -> dict:
+    """Every site's `prepare` phase; returns (and keeps) the job state rounds start from."""
+    names = [s.name for s in run.fed.sites]
+    outcomes = dispatcher_for(sites_dir).run(phase_call(run, Phase.PREPARE, names), names)
+    dropped = record_drops(run, outcomes, Phase.PREPARE, logger)
+    active = [s for s in names if outcomes[s].outcome == Outcome.COMPLETED]
+    holder = run.fed.keyholder
+    if holder not in active:
+        raise WorkFailed(
+            f"the CKKS key-holding site {holder} did not prepare "
+            f"({dropped.get(holder, 'no report')}); nobody trained"
+        )
+    if len(active) < run.fed.min_sites:
+        raise WorkFailed(
+            f"only {len(active)} of {len(names)} sites prepared, fewer than min_sites="
+            f"{run.fed.min_sites} (dropped: {', '.join(sorted(dropped))}); nobody trained"
+        )
+    keys = outcomes[holder].report.data  # type: ignore[union-attr]
+    state = {
+        "active": active,
+        "dropped": dropped,
+        "ckks_public": keys["ckks_public"],
+        "ckks_sealed": keys.get("ckks_sealed", {}),
+    }
+    public_ckks(run, state)  # checks the key holder's signature; keeps the public context
+    run.paths.save_state(run.job, "prepare", state)
+    return state
+
+
 @flow(name="federated_training", flow_run_name=_run_name, persist_result=False)
-def federated_training(config_path: str, job: str | None = None) -> list[RoundSummary]:
-    """Run (or resume) `job`: rounds already committed in the ledger are skipped."""
+def federated_training(
+    config_path: str, job: str | None = None, sites_dir: str | None = None
+) -> list[RoundSummary]:
+    """Run (or resume) `job`: rounds already committed in the ledger are skipped.
+
+    `sites_dir`: run the sites in this process from their roots under this folder (demo,
+    tests); without it, each site's own worker runs its `site_round` deployment."""
     logger = get_run_logger()
     fed = load_config(Path(config_path))
     job = _job_for_this_run(config_path, job)
-    enroll_federation(fed)
-    ledger = Ledger(fed.ledger_url)
-    coordinator_paths = CoordinatorPaths(root=fed.coordinator_root)
-    coordinator = coordinator_identity(coordinator_paths)
-    ledger.append(
-        Event(
-            actor=COORDINATOR,
-            action=Action.JOB_START,
-            job=job,
-            idempotency_key=f"{job}/start",
-            inputs={"config": hashlib.sha256(Path(config_path).read_bytes()).hexdigest()},
-            details={
-                "sites": [s.name for s in fed.sites],
-                "rounds": fed.rounds,
-                "model": str(fed.model.kind),
-                "dp": fed.dp.model_dump(mode="json"),
-                "min_sites": fed.min_sites,
-            },
-        ),
-        coordinator,
-    )
-    done = committed_rounds(ledger, job)
+    run = CoordinatorRun(fed=fed, job=job, round=0)
+    start_job(run)
+    prepare_sites(run, sites_dir, logger)
+    done = committed_rounds(run)
     summaries: list[RoundSummary] = []
     status = "completed"
     for r in range(1, fed.rounds + 1):
         if r in done:
             logger.info("round %d of job %s is already committed; skipping", r, job)
             continue
-        summary = federated_round(config_path, job, r)
+        summary = federated_round(config_path, job, r, sites_dir)
         summaries.append(summary)
         report_log.info("round %d", r, extra={"round_summary": summary})
         if summary.status == "budget_exhausted":
             status = "budget_exhausted"
             break
-    ledger.append(
-        Event(
-            actor=COORDINATOR,
-            action=Action.JOB_END,
-            job=job,
-            idempotency_key=f"{job}/end",
-            details={"status": status, "rounds_run": [s.round for s in summaries]},
-        ),
-        coordinator,
+    run.recorder().record(
+        Action.JOB_END,
+        key=f"{job}/end",
+        details={"status": status, "rounds_run": [s.round for s in summaries]},
     )
-    ledger.checkpoint(log_identity(coordinator_paths), origin=f"medfed.local/{fed.name}")
+    checkpoint(run)
     return summaries

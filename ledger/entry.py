@@ -33,10 +33,15 @@ COMMITMENT_DOMAIN = b"medfed/commitment/v1\x00"
 
 class Action(StrEnum):
     REGISTER_KEY = "register_key"
+    ENROLL = "enroll"  # the coordinator registers a site from its enrollment file
     JOB_START = "job_start"
     PREPROCESS = "preprocess"
     TRAIN = "train"
-    REFUSE = "refuse"
+    REFUSE = "refuse"  # a site declines to train: its privacy budget
+    REFUSE_INSTRUCTION = (
+        "refuse_instruction"  # a site declines an instruction: signature, plan, policy
+    )
+    DROP = "drop"  # the coordinator drops a site from a round: timed out or failed
     CLIP_AND_NOISE = "clip_and_noise"
     ENCRYPT = "encrypt"
     UPLOAD = "upload"

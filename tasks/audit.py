@@ -19,7 +19,8 @@ from torch import nn
 from ledger.entry import Action
 from tasks import StepError, ingest, models
 from tasks.config import FederationConfig
-from tasks.steps import RoundContext, load_array, model_for, prepared_cache_path
+from tasks.site import Site
+from tasks.site_steps import SiteRun, load_array, model_for, prepared_cache_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,29 +92,32 @@ def pooled_attack(audits: list[SiteAudit]) -> AttackResult:
     )
 
 
-def audit_site(fed: FederationConfig, job: str, site: str) -> SiteAudit:
-    """Attack the job's final global model with the site's own train/held-out patients."""
-    rc0 = RoundContext(fed=fed, job=job, round=0)
-    commits = rc0.ledger().events(job=job, action=str(Action.COMMIT_ROUND))
+def audit_site(fed: FederationConfig, job: str, site: Site) -> SiteAudit:
+    """Attack the job's final global model with the site's own train/held-out patients (run
+    at the site: it needs the site's data and its copy of the model)."""
+    from ledger.store import Ledger
+
+    commits = Ledger(fed.ledger_url).events(job=job, action=str(Action.COMMIT_ROUND))
     if not commits:
         raise StepError(f"job '{job}' has no committed round in {fed.ledger_url}")
-    rc = RoundContext(fed=fed, job=job, round=max(c["round"] for c in commits))
-    cache = prepared_cache_path(rc, site)
-    model_path = rc.site_paths(site).global_model(job, rc.round)
+    last = max(c["round"] for c in commits)
+    run = SiteRun(site=site, instr=None, fed=fed)  # type: ignore[arg-type]
+    cache = prepared_cache_path(run)
+    model_path = site.global_model(job, last)
     for path, what in ((cache, "prepared data"), (model_path, "global model")):
         if not path.exists():
-            raise StepError(f"site {site} has no {what} for job '{job}' at {path}")
+            raise StepError(f"site {site.name} has no {what} for job '{job}'")
     ds = ingest.load_prepared(cache)
     features = int(ds.x_train.shape[1]) if ds.x_train.ndim == 2 else 0
-    model = models.load_flat(model_for(rc, features), load_array(model_path))
+    model = models.load_flat(model_for(fed, features), load_array(model_path))
     member = per_sample_loss(model, ds.x_train, ds.y_train)
     non_member = per_sample_loss(model, ds.x_test, ds.y_test)
     member_patients = per_patient_mean(member, ds.groups_train)
     non_member_patients = per_patient_mean(non_member, ds.groups_test)
     return SiteAudit(
-        site=site,
+        site=site.name,
         job=job,
-        round=rc.round,
+        round=last,
         attack=membership_attack(member_patients, non_member_patients),
         train_loss=float(member.mean()),
         heldout_loss=float(non_member.mean()),

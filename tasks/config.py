@@ -1,7 +1,9 @@
-"""The federation file: a TOML document validated by pydantic.
+"""The federation file: the coordinator's TOML document, validated by pydantic.
 
-It lives in `tasks` (not `flows`) because the steps read their settings from it and `tasks`
-never imports `flows`.
+It names the sites and their public keys (from their enrollment files), never a data path or a
+site secret: those live in each site's own `site.toml` (`tasks.site`). What the sites are asked
+to run is the file's *plan* (`FederationConfig.plan`): every setting that shapes training and
+privacy, without the coordinator's local paths; sites approve a plan by its digest.
 
 Relative paths in the file are resolved against the file's own directory, so a federation
 folder can be moved as a whole.
@@ -9,16 +11,20 @@ folder can be moved as a whole.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
+import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks import StepError
 
-class ConfigError(Exception):
+
+class ConfigError(StepError):
     """The federation file is missing, unreadable or invalid; the message names the field."""
 
 
@@ -45,18 +51,16 @@ class _Strict(BaseModel):
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 
 
-class SiteConfig(_Strict):
+HexKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class SiteEntry(_Strict):
+    """A site as the coordinator knows it: a name and public keys, from its enrollment."""
+
     name: Slug
     kind: SiteKind
-    data: Path
-    # DICOM: the manifest CSV (file,label). Tabular: the label column.
-    labels: str
-    id_column: str = "patient_id"
-    table: str | None = None
-    # The site's own privacy policy, overriding [dp] for this site alone: its budget across
-    # every job on this ledger, and the delta that epsilon is accounted at.
-    epsilon_budget: float | None = Field(default=None, gt=0)
-    delta: float | None = Field(default=None, gt=0, lt=1)
+    public_key: HexKey  # Ed25519: signs the site's ledger entries, reports and artifacts
+    kex_key: HexKey  # X25519: receives the CKKS secret sealed by the key-holding site
 
 
 class ModelConfig(_Strict):
@@ -94,6 +98,9 @@ class DPConfig(_Strict):
 
 
 class CKKSConfig(_Strict):
+    # The site that creates the CKKS key set (default: the first site listed). It seals the
+    # secret to each other site's X25519 key; the coordinator receives the public context.
+    keyholder: Slug | None = None
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
     global_scale_bits: int = Field(default=40, ge=20, le=60)
@@ -117,13 +124,17 @@ class FederationConfig(_Strict):
     seed: int = 0
     ledger_url: str = "sqlite:///ledger.db"
     artifact_store: str = "artifacts"
-    # Where each site keeps its keys, caches and model copies (site-private).
-    site_root: Path = Path("sites")
+    # HL7 PurposeOfUse and the legal basis every entry of this federation's jobs states; a site
+    # accepts only the purposes its policy lists.
+    purpose: str = "HRESCH"
+    legal_basis: str = "GDPR Art. 9(2)(j)"
+    # How long the coordinator waits for one site's phase before dropping it from the round.
+    site_timeout_seconds: float = Field(default=900.0, gt=0, le=7 * 24 * 3600)
     coordinator_root: Path = Path("coordinator")
     model: ModelConfig = ModelConfig()
     dp: DPConfig = DPConfig(noise_multiplier=1.0)
     ckks: CKKSConfig = CKKSConfig()
-    sites: tuple[SiteConfig, ...] = Field(min_length=1)
+    sites: tuple[SiteEntry, ...] = Field(min_length=1)
 
     @field_validator("learning_rate")
     @classmethod
@@ -147,19 +158,46 @@ class FederationConfig(_Strict):
             raise ValueError(
                 "model.kind 'cnn' is for dicom sites; tabular sites use 'mlp' or 'logistic'"
             )
+        keys = [s.public_key for s in self.sites] + [s.kex_key for s in self.sites]
+        if len(set(keys)) != len(keys):
+            raise ValueError("every site needs its own public keys (two sites share one)")
+        if self.ckks.keyholder is not None and self.ckks.keyholder not in names:
+            raise ValueError(f"ckks.keyholder '{self.ckks.keyholder}' is not a listed site")
         return self
 
     @property
     def site_kind(self) -> SiteKind:
         return self.sites[0].kind
 
-    def dp_for(self, site: str) -> DPConfig:
-        """The DP settings `site` trains under: [dp] with the site's own budget and delta."""
-        cfg = next((s for s in self.sites if s.name == site), None)
-        if cfg is None:
-            raise ConfigError(f"site '{site}' is not in the federation")
-        own = {"epsilon_budget": cfg.epsilon_budget, "delta": cfg.delta}
-        return self.dp.model_copy(update={k: v for k, v in own.items() if v is not None})
+    @property
+    def keyholder(self) -> str:
+        return self.ckks.keyholder or self.sites[0].name
+
+    def site(self, name: str) -> SiteEntry:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError(f"site '{name}' is not in the federation")
+
+    def plan(self) -> dict[str, Any]:
+        """What the sites are asked to run and approve: everything but the coordinator's own
+        paths and timeouts. Its digest (`plan_digest`) pins a job to it."""
+        return self.model_dump(
+            mode="json", exclude={"coordinator_root", "site_timeout_seconds"}
+        ) | {"ckks": self.ckks.model_dump(mode="json") | {"keyholder": self.keyholder}}
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    """SHA-256 of a plan's RFC 8785 canonical JSON."""
+    return hashlib.sha256(rfc8785.dumps(plan)).hexdigest()
+
+
+def plan_from_dict(plan: dict[str, Any]) -> FederationConfig:
+    """A plan received in an instruction, validated as a federation (paths already absolute)."""
+    try:
+        return FederationConfig.model_validate(plan)
+    except ValidationError as exc:
+        raise ConfigError(f"training plan: {_first_error(exc)}") from exc
 
 
 def load_config(path: Path) -> FederationConfig:
@@ -199,15 +237,6 @@ def _resolve_paths(cfg: FederationConfig, base: Path) -> FederationConfig:
     def resolve(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
-    sites = tuple(
-        s.model_copy(
-            update={
-                "data": resolve(s.data),
-                "labels": str(resolve(Path(s.labels))) if s.kind == SiteKind.DICOM else s.labels,
-            }
-        )
-        for s in cfg.sites
-    )
     ledger_url = cfg.ledger_url
     if ledger_url.startswith("sqlite:///") and not ledger_url.startswith("sqlite:////"):
         ledger_url = "sqlite:///" + str(resolve(Path(ledger_url.removeprefix("sqlite:///"))))
@@ -216,10 +245,8 @@ def _resolve_paths(cfg: FederationConfig, base: Path) -> FederationConfig:
         store = resolve(Path(store)).as_uri()
     return cfg.model_copy(
         update={
-            "sites": sites,
             "ledger_url": ledger_url,
             "artifact_store": store,
-            "site_root": resolve(cfg.site_root),
             "coordinator_root": resolve(cfg.coordinator_root),
         }
     )

@@ -103,6 +103,38 @@ def plan(
     ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Admission:
+    """Whether a site may make this round's releases, and the figures behind the decision."""
+
+    admitted: bool
+    spent: float  # epsilon of the history alone
+    projected: float  # epsilon after this round's releases
+    reason: str = ""
+
+
+def admit(
+    history: Sequence[Release],
+    this_round: Sequence[Release],
+    *,
+    budget: float,
+    delta: float,
+    accountant: str,
+) -> Admission:
+    """The budget decision, pure: admitted iff history plus this round stays within `budget`."""
+    projected = epsilon([*history, *this_round], delta=delta, accountant=accountant)
+    if projected <= budget:
+        return Admission(admitted=True, spent=float("nan"), projected=projected)
+    spent = epsilon(history, delta=delta, accountant=accountant)
+    return Admission(
+        admitted=False,
+        spent=spent,
+        projected=projected,
+        reason=f"budget exhausted: this round would bring epsilon from {spent:.3f} to "
+        f"{projected:.3f}, over the budget of {budget:g}",
+    )
+
+
 def site_level_release(update_noise_multiplier: float) -> Release | None:
     """The optional Gaussian noise on a site's clipped update (std = z * clip norm), as a
     patient-level release. One patient can move the clipped update anywhere within the clip

@@ -44,6 +44,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import numpy as np
 import tenseal as ts
@@ -422,6 +423,8 @@ __all__ = [
     "DEFAULT_GLOBAL_SCALE_BITS",
     "DEFAULT_POLY_MODULUS_DEGREE",
     "Payload",
+    "SecureAggregation",
+    "SharedKeyCKKS",
     "create_secret_context",
     "decrypt_update",
     "encrypt_update",
@@ -429,3 +432,39 @@ __all__ = [
     "public_context",
     "weighted_sum",
 ]
+
+
+# ---------------------------------------------------------------- the backend interface
+
+
+class SecureAggregation(Protocol):
+    """How updates are hidden from the coordinator. Site side: `encrypt` / `decrypt`;
+    coordinator side: `aggregate`, from public material only. A new scheme (threshold or
+    masked) is one new implementation of this interface."""
+
+    name: str
+
+    def encrypt(self, update: np.ndarray) -> bytes: ...
+
+    def decrypt(self, blob: bytes) -> np.ndarray: ...
+
+    def aggregate(self, blobs: Sequence[bytes], weights: Sequence[float]) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class SharedKeyCKKS:
+    """One CKKS key set created by the key-holding site and sealed to the other sites. A site
+    holds the secret context; the coordinator's instance holds only the public context and
+    cannot `decrypt`."""
+
+    context: bytes
+    name: str = "ckks-shared-key"
+
+    def encrypt(self, update: np.ndarray) -> bytes:
+        return encrypt_update(self.context, update)
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        return decrypt_update(self.context, blob)
+
+    def aggregate(self, blobs: Sequence[bytes], weights: Sequence[float]) -> bytes:
+        return weighted_sum(self.context, blobs, weights)

@@ -128,6 +128,34 @@ def put_bytes(store_url: str, key: str, data: bytes) -> str:
     return uri
 
 
+def get_bytes(store_url: str, key: str) -> bytes | None:
+    """The bytes at `key` under `store_url`, or None when nothing is there."""
+    _check_key(key)
+    uri = f"{store_url.rstrip('/')}/{key}"
+    try:
+        fs, path = url_to_fs(uri)
+        if not fs.exists(path):
+            return None
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    except _FS_ERRORS as exc:
+        raise StepError(f"cannot read artifact {uri}: {exc}") from exc
+
+
+def check_writable(store_url: str) -> None:
+    """Write and delete a probe: a store that cannot be written fails before anyone trains."""
+    key = f"_probe/{secrets.token_hex(PARTIAL_TOKEN_BYTES)}"
+    uri = put_bytes(store_url, key, b"medfed")
+    try:
+        fs, path = url_to_fs(uri)
+        fs.rm(path)
+    except _FS_ERRORS as exc:
+        raise StepError(
+            f"artifact store {store_url} accepts writes but not deletes: {exc}"
+        ) from exc
+
+
 def publish(
     store_url: str,
     key: str,
@@ -228,7 +256,9 @@ def _check_key(key: str) -> None:
 __all__ = [
     "ArtifactKind",
     "ArtifactRef",
+    "check_writable",
     "fetch",
+    "get_bytes",
     "load_ref",
     "publish",
     "put_bytes",

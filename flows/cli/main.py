@@ -1,6 +1,7 @@
 """`medfed`: the command line. The only place that prints.
 
-Exit codes: 0 success, 1 the work failed (or a ledger does not verify), 2 bad usage or input.
+Exit codes: 0 success, 1 the work failed (a check, a budget, too few sites, a ledger that does
+not verify), 2 bad usage or bad input. Defined once, by the error classes (`flows.cli.common`).
 """
 
 from __future__ import annotations
@@ -10,86 +11,21 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
-# Prefect reads these at import: no telemetry (it fails offline), quiet shutdown.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-import typer  # noqa: E402
+import typer  # noqa: E402  (after common: it sets Prefect's environment first)
 from rich import box  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ledger import LedgerError, VerificationError  # noqa: E402
-from tasks import StepError  # noqa: E402
-from tasks.config import ConfigError  # noqa: E402
+from flows.cli.common import Failure, cli_errors, err, out, quiet_prefect_console
+from flows.cli.ledger import ledger_app  # noqa: E402
+from flows.cli.site import coordinator_commands, site_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-out = Console()
-err = Console(stderr=True)
-
-KNOWN_ERRORS = (ConfigError, StepError, LedgerError)
-
-
-class Failure(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, VerificationError):
-        return 1
-    if isinstance(exc, ConfigError | StepError):
-        return 2
-    return 1
-
-
-def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn known errors into one sentence on stderr and an exit code; no traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Failure as exc:
-            err.print(f"medfed: {exc}", markup=False, highlight=False)
-            raise typer.Exit(exc.code) from None
-        except KNOWN_ERRORS as exc:
-            err.print(f"medfed: {exc}", markup=False, highlight=False)
-            raise typer.Exit(_exit_code(exc)) from None
-        except KeyboardInterrupt:
-            err.print("medfed: interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-class _DropKnownTracebacks(logging.Filter):
-    """Prefect logs a failed task with its traceback; for our own error types the message says
-    it all on the console (the API log, seen in the UI, keeps the full record)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KNOWN_ERRORS):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _quiet_prefect_console() -> None:
-    from prefect import flow  # noqa: F401  (loads prefect.main, which installs the handlers)
-
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]
-    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _DropKnownTracebacks) for f in handler.filters
-            ):
-                handler.addFilter(_DropKnownTracebacks())
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(site_app, name="site")
+coordinator_commands(app)
 
 
 class _RoundTables(logging.Handler):
@@ -148,27 +84,39 @@ def _f(x: float, digits: int = 3) -> str:
     return "—" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
-def _run_training(config_path: Path, job: str | None) -> list:
+def _run_training(config_path: Path, job: str | None, sites_dir: Path | None) -> list:
     from flows.training import federated_training, new_job_id
     from tasks.config import load_config
 
     fed = load_config(config_path)  # bad config fails here, before Prefect starts
-    _quiet_prefect_console()
+    job = job or new_job_id(fed)
+    quiet_prefect_console()
     handler = _RoundTables()
     report = logging.getLogger("medfed.report")
     report.addHandler(handler)
     report.setLevel(logging.INFO)
     report.propagate = False
     try:
-        return federated_training(str(config_path.resolve()), job or new_job_id(fed))
+        return federated_training(
+            str(config_path.resolve()), job, str(sites_dir.resolve()) if sites_dir else None
+        )
+    except Exception as exc:
+        # Say which job stopped and how to resume it, then let cli_errors give the sentence.
+        resume = f"medfed run {config_path} --job {job}"
+        if sites_dir:
+            resume += f" --sites {sites_dir}"
+        err.print(f"medfed: job {job} stopped; resume it with: {resume}", markup=False)
+        raise exc from None
     finally:
         report.removeHandler(handler)
 
 
-def _finish(summaries: list, ledger_url: str) -> None:
+def _finish(summaries: list, ledger_url: str, resume: str) -> None:
     if summaries and summaries[-1].status == "budget_exhausted":
         out.print(f"[yellow]Job stopped: {summaries[-1].message}[/yellow]")
-    elif summaries:
+        out.print(f"Verify the record: medfed ledger verify --ledger {ledger_url}")
+        raise Failure(f"{summaries[-1].message}; resume later with: {resume}", 1)
+    if summaries:
         last = summaries[-1]
         out.print(
             f"Final weighted AUC {last.weighted_auc:.3f}, accuracy {last.weighted_accuracy:.3f}; "
@@ -181,19 +129,24 @@ def _finish(summaries: list, ledger_url: str) -> None:
 @cli_errors
 def demo(
     workdir: Annotated[
-        Path, typer.Option(help="Where data, keys, artifacts and ledger.db go.")
+        Path, typer.Option(help="Where data, site roots, artifacts and ledger.db go.")
     ] = Path("medfed-demo"),
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 4,
     dp: Annotated[bool, typer.Option(help="Train with DP-SGD (--no-dp for the baseline).")] = True,
     job: Annotated[str | None, typer.Option(help="Job id (default: demo-<timestamp>).")] = None,
 ) -> None:
-    """Generate three synthetic DICOM hospitals (once) and train a federated model on them."""
+    """Three synthetic DICOM hospitals, each its own site root, trained in this process."""
     from flows.demo import prepare_demo
 
     config = prepare_demo(workdir, rounds=rounds, dp=dp)
     out.print(f"Federation: {config}")
-    summaries = _run_training(config, job)
-    _finish(summaries, f"sqlite:///{(workdir / 'ledger.db').resolve()}")
+    sites = workdir / "sites"
+    summaries = _run_training(config, job, sites)
+    _finish(
+        summaries,
+        f"sqlite:///{(workdir / 'ledger.db').resolve()}",
+        f"medfed run {config} --sites {sites}",
+    )
 
 
 @app.command()
@@ -203,12 +156,26 @@ def run(
     job: Annotated[
         str | None, typer.Option(help="Job id; an existing id resumes that job.")
     ] = None,
+    sites: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run the sites in this process, from their roots under this folder (one per "
+            "site name). Without it, each site's own Prefect worker runs its deployment."
+        ),
+    ] = None,
 ) -> None:
     """Run (or resume) a federation from its TOML file."""
     from tasks.config import load_config
 
-    summaries = _run_training(config, job)
-    _finish(summaries, load_config(config).ledger_url)
+    fed = load_config(config)
+    if sites is None and not os.environ.get("PREFECT_API_URL"):
+        raise Failure(
+            "sites run on their own Prefect workers: set PREFECT_API_URL to the Prefect server "
+            "they poll, or pass --sites DIR to run site roots in this process",
+            2,
+        )
+    summaries = _run_training(config, job, sites)
+    _finish(summaries, fed.ledger_url, f"medfed run {config} --job {job or '<job>'}")
 
 
 @app.command()
@@ -221,15 +188,15 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the training flow as a Prefect deployment (optionally on a cron schedule), so
-    operators can start, schedule and retry runs from the Prefect UI. Needs a Prefect server:
-    `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api."""
+    operators can start, schedule and retry runs from the Prefect UI. Needs a Prefect server
+    (PREFECT_API_URL) and each site's worker running its `site_round` deployment."""
     from flows.training import federated_training
     from tasks.config import load_config
 
     fed = load_config(config)
     if not os.environ.get("PREFECT_API_URL"):
         raise Failure("set PREFECT_API_URL to a running Prefect server (prefect server start)", 2)
-    _quiet_prefect_console()
+    quiet_prefect_console()
     federated_training.serve(
         name=name or fed.name,
         cron=cron,
@@ -247,6 +214,9 @@ def audit_privacy(
     job: Annotated[
         str | None, typer.Option(help="Job to audit (default: the latest committed).")
     ] = None,
+    sites: Annotated[
+        Path, typer.Option(help="The folder holding the site roots (the attack needs their data).")
+    ] = Path("medfed-demo/sites"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Membership-inference attack on a job's final global model, at every site: members are
@@ -261,7 +231,9 @@ def audit_privacy(
         if not commits:
             raise Failure(f"the ledger {fed.ledger_url} has no committed round to audit", 2)
         job = commits[-1]["job"]
-    results = [audit_site(fed, job, s.name) for s in fed.sites]
+    from tasks.site import load_site
+
+    results = [audit_site(fed, job, load_site(sites / s.name)) for s in fed.sites]
     pooled = pooled_attack(results)
     dp = Ledger(fed.ledger_url).events(job=job, action="train")
     epsilon = {e["site"]: (e.get("privacy") or {}).get("epsilon_cumulative") for e in dp}
@@ -315,11 +287,27 @@ def audit_privacy(
 @app.command()
 @cli_errors
 def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file.")]) -> None:
-    """Check a federation file and print what it resolves to."""
-    from tasks.config import load_config
+    """Check a federation file and everything reachable from the coordinator before anyone
+    trains: the artifact store (written and deleted), the ledger, the CKKS settings, every
+    site's registration. Prints the plan digest the sites must approve."""
+    from ledger.store import Ledger
+    from tasks import transport
+    from tasks.config import load_config, plan_digest
+    from tasks.coordinator_steps import check_enrolled
+    from tasks.secure_agg import create_secret_context
 
     fed = load_config(config)
-    out.print_json(fed.model_dump_json())
+    transport.check_writable(fed.artifact_store)
+    check_enrolled(Ledger(fed.ledger_url), fed)
+    create_secret_context(
+        poly_modulus_degree=fed.ckks.poly_modulus_degree,
+        coeff_mod_bit_sizes=fed.ckks.coeff_mod_bit_sizes,
+        global_scale_bits=fed.ckks.global_scale_bits,
+    )
+    out.print(
+        f"{config}: valid; {len(fed.sites)} sites registered; artifact store writable; "
+        f"plan digest {plan_digest(fed.plan())}"
+    )
 
 
 @app.command()
@@ -333,7 +321,7 @@ def bench(
     """Measure round time, Prefect overhead, DP-SGD cost and CKKS cost on this machine."""
     from flows.bench import run_benchmarks
 
-    _quiet_prefect_console()
+    quiet_prefect_console()
     figures = run_benchmarks(workdir)
     if as_json:
         sys.stdout.write(json.dumps(figures, indent=2) + "\n")
@@ -347,9 +335,6 @@ def bench(
 
 
 def main() -> None:
-    from flows.ledger_cli import ledger_app
-
-    app.add_typer(ledger_app, name="ledger")
     app()
 
 

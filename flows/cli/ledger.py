@@ -20,7 +20,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from flows.cli import Failure, cli_errors, out
+from flows.cli.common import Failure, cli_errors, out
 from ledger import LedgerError, VerificationError
 
 ledger_app = typer.Typer(
@@ -487,7 +487,7 @@ def _recomputed_epsilon(log: Any, row: dict[str, Any]) -> float | None:
     """The site's epsilon recomputed by the accountant from every release in the ledger, so
     the recorded figure need not be taken on trust. None when there is no bounded figure."""
     from tasks.privacy import epsilon
-    from tasks.steps import release_history
+    from tasks.site_steps import release_history
 
     if not isinstance(row["epsilon_cumulative"], float) or not row["accountant"]:
         return None

@@ -1,0 +1,1 @@
+"""The `medfed` command line: main (training, demo, bench), ledger, site."""

@@ -1,0 +1,107 @@
+"""Where a site's training data comes from: one data source per site kind, one interface.
+
+A source hashes its raw inputs (to know when the prepared cache is stale) and prepares the
+patient-level split. A new kind (FHIR, a PACS query) is one new class here plus tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tasks import StepError, ingest
+from tasks.config import SiteKind
+from tasks.site import DataSettings
+
+
+class DataSource(Protocol):
+    def digest(self) -> str:
+        """SHA-256 over the raw inputs' names and bytes."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """What, besides the raw bytes, changes the prepared split."""
+        ...
+
+    def prepare(
+        self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
+    ) -> ingest.PreparedDataset: ...
+
+
+def _digest_files(site: str, root: Path, extra: list[Path]) -> str:
+    if not root.exists():
+        raise StepError(f"site {site}: its data location does not exist (site.toml data.path)")
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    h = hashlib.sha256()
+    for p in [*files, *extra]:
+        try:
+            h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        except (OSError, ValueError) as exc:
+            raise StepError(f"site {site}: a data file cannot be read ({p.name})") from exc
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomSource:
+    site: str
+    data: DataSettings
+
+    def digest(self) -> str:
+        manifest = Path(self.data.labels)
+        if not manifest.is_file():
+            raise StepError(f"site {self.site}: its label manifest does not exist (data.labels)")
+        return _digest_files(self.site, self.data.path, [manifest])
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "dicom", "labels": Path(self.data.labels).name}
+
+    def prepare(
+        self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
+    ) -> ingest.PreparedDataset:
+        return ingest.prepare_dicom_site(
+            self.data.path,
+            Path(self.data.labels),
+            secret=secret,
+            image_size=image_size,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TabularSource:
+    site: str
+    data: DataSettings
+
+    def digest(self) -> str:
+        return _digest_files(self.site, self.data.path, [])
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "kind": "tabular",
+            "labels": self.data.labels,
+            "id_column": self.data.id_column,
+            "table": self.data.table,
+        }
+
+    def prepare(
+        self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
+    ) -> ingest.PreparedDataset:
+        return ingest.prepare_tabular_site(
+            self.data.path,
+            label_column=self.data.labels,
+            id_column=self.data.id_column,
+            secret=secret,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            table=self.data.table,
+        )
+
+
+def source_for(site: str, kind: SiteKind, data: DataSettings) -> DataSource:
+    if kind == SiteKind.DICOM:
+        return DicomSource(site=site, data=data)
+    return TabularSource(site=site, data=data)

@@ -1,0 +1,1006 @@
+"""What a site runs, at the site: check the instruction, then one phase of a round.
+
+`run_site_phase(instruction, site_root)` is the whole site side. It checks the coordinator's
+signature and the site's own policy BEFORE touching data (a refusal is a ledger entry), then
+runs the phase's steps, each recorded in the ledger under the site's own key, and writes one
+site-signed `SiteReport` to the artifact store. Steps hand each other small frozen references
+(paths into the site's own root, hashes); nothing private leaves the site: the report holds
+counts, metrics, hashes and signed artifact references only.
+
+Every step's ledger entry has the idempotency key `job/r<round>/<site>/<step>`, so a retried
+phase writes nothing twice; `train` finds its entry first and reuses the released update
+instead of training (and spending privacy budget) again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ledger import LedgerError
+from ledger.entry import Action, Outcome
+from ledger.store import Ledger
+from tasks import IntegrityError, StepError, ingest, models, privacy, transport
+from tasks.config import DPConfig, FederationConfig, plan_digest, plan_from_dict
+from tasks.datasource import source_for
+from tasks.enrollment import open_sealed, seal
+from tasks.messages import (
+    Instruction,
+    Phase,
+    SiteReport,
+    Status,
+    message_digest,
+    open_instruction,
+    parse_utc,
+    peek_instruction,
+    write_report,
+)
+from tasks.record import Recorder
+from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
+from tasks.site import Site, load_site
+from tasks.strategy import FedAvg
+
+log = logging.getLogger("medfed.site")
+COORDINATOR = "coordinator"
+KEYS_JOB_SUFFIX = "keys"  # key material is per federation: job "<federation>/keys", round 0
+
+
+def step_log() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow (console and UI), else ours."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            return log
+    except ImportError:  # pragma: no cover
+        return log
+
+
+# ---------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_array(path: Path, array: np.ndarray) -> str:
+    """Atomically write a float32 vector as .npy; return the sha256 of its file."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    data = buf.getvalue()
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_array(path: Path, *, sha256: str | None = None) -> np.ndarray:
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"site-private file {path.name} does not match its recorded hash")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def model_hash(params: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"():,]+)+")
+
+
+def shareable(message: str) -> str:
+    """An error message fit to leave the site: paths (folder names are often patient IDs)
+    replaced by their last component's kind."""
+    return _PATH.sub("<path>", message)[:500]
+
+
+# ---------------------------------------------------------------- the run of one phase
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteRun:
+    """One phase at one site: the checked instruction, its plan, the site; loaded once."""
+
+    site: Site
+    instr: Instruction
+    fed: FederationConfig
+
+    @property
+    def job(self) -> str:
+        return self.instr.job
+
+    @property
+    def round(self) -> int:
+        return self.instr.round
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.fed.ledger_url)
+
+    def recorder(self, round_number: int | None = None) -> Recorder:
+        return Recorder(
+            ledger=self.ledger,
+            signer=self.site.identity,
+            job=self.job,
+            round=self.round if round_number is None else round_number,
+            purpose=self.fed.purpose,
+            legal_basis=self.fed.legal_basis,
+            site=self.name,
+        )
+
+    @cached_property
+    def dp(self) -> DPConfig:
+        """The federation's DP settings under the site's own policy: the stricter budget and
+        delta win."""
+        own = self.site.settings.privacy
+        return self.fed.dp.model_copy(
+            update={
+                "epsilon_budget": min(own.epsilon_budget, self.fed.dp.epsilon_budget),
+                "delta": min(own.delta, self.fed.dp.delta),
+            }
+        )
+
+    def work(self) -> Path:
+        return self.site.work(self.job, self.round)
+
+    @property
+    def coordinator_key(self) -> bytes:
+        return bytes.fromhex(self.site.settings.accepts.coordinator_key)
+
+    def site_key(self, name: str) -> bytes:
+        return bytes.fromhex(self.fed.site(name).public_key)
+
+
+class Refused(StepError):
+    """The instruction fails a check: the site refuses it before reading any data."""
+
+    exit_code = 1
+
+
+def check_instruction(site: Site, text: str, *, now: datetime | None = None) -> SiteRun:
+    """Signature, plan digest, approval and policy; raise `Refused` naming what failed."""
+    acc = site.settings.accepts
+    try:
+        instr = open_instruction(text, coordinator_key=bytes.fromhex(acc.coordinator_key))
+    except IntegrityError as exc:
+        raise Refused(f"the instruction's signature does not verify ({exc})") from exc
+    if instr.site != site.name:
+        raise Refused(f"the instruction is addressed to site '{instr.site}', not this site")
+    if plan_digest(instr.plan) != instr.plan_digest:
+        raise Refused("the instruction's plan does not match its federation digest")
+    if site.approved(instr.plan_digest) is None:
+        raise Refused(
+            f"unknown federation digest {instr.plan_digest[:16]}: this site has not approved "
+            "that training plan ('medfed site approve')"
+        )
+    try:
+        fed = plan_from_dict(instr.plan)
+    except StepError as exc:
+        raise Refused(f"the training plan is invalid: {exc}") from exc
+    if fed.name != acc.federation:
+        raise Refused(f"the site accepts federation '{acc.federation}', not '{fed.name}'")
+    if fed.model.kind not in acc.model_kinds:
+        raise Refused(f"the site does not accept model kind '{fed.model.kind}'")
+    if fed.purpose not in acc.purposes:
+        raise Refused(f"the site does not accept purpose of use '{fed.purpose}'")
+    me = next((s for s in fed.sites if s.name == site.name), None)
+    if me is None or me.public_key != site.identity.public_key.hex():
+        raise Refused("the plan does not list this site with its own public key")
+    if me.kind != site.settings.kind:
+        raise Refused(f"the plan lists this site as '{me.kind}', it is '{site.settings.kind}'")
+    if parse_utc(instr.deadline) < (now or datetime.now(UTC)):
+        raise Refused(f"the instruction's deadline {instr.deadline} has passed")
+    return SiteRun(site=site, instr=instr, fed=fed)
+
+
+def record_refusal(site: Site, text: str, reason: str) -> SiteReport:
+    """Record a refused instruction in the ledger of the plan it claims, if the site approved
+    that plan, else of the plan it approved last; the refusal names no data."""
+    claimed = peek_instruction(text)
+    plan = site.approved(str(claimed.get("plan_digest", ""))) or site.latest_approved()
+    job = str(claimed.get("job") or "unknown")
+    round_number = claimed.get("round") if isinstance(claimed.get("round"), int) else 0
+    phase = claimed.get("phase") if claimed.get("phase") in set(Phase) else Phase.PREPARE
+    report = SiteReport(
+        job=job,
+        round=round_number,
+        phase=Phase(phase),
+        site=site.name,
+        status=Status.REFUSED,
+        instruction=message_digest(text),
+        reason=reason,
+        data={"refused": "instruction"},
+    )
+    step_log().warning("site %s refused an instruction: %s", site.name, reason)
+    if plan is None:
+        return report
+    fed = plan_from_dict(plan)
+    Recorder(
+        ledger=Ledger(fed.ledger_url),
+        signer=site.identity,
+        job=job,
+        round=round_number,
+        purpose=fed.purpose,
+        legal_basis=fed.legal_basis,
+        site=site.name,
+    ).record(
+        Action.REFUSE_INSTRUCTION,
+        outcome=Outcome.REFUSED,
+        key=f"{job}/r{round_number}/{site.name}/{phase}/refused-{report.instruction[:16]}",
+        inputs={"instruction": report.instruction},
+        details={"phase": str(phase), "reason": reason},
+    )
+    if claimed.get("job"):
+        write_report(fed.artifact_store, report, site.identity)
+    return report
+
+
+# A step runner: calls a step directly, or as a Prefect task (the site_round flow).
+Call = Callable[..., Any]
+
+
+def direct(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def run_site_phase(instruction: str, site_root: str | Path, *, call: Call = direct) -> SiteReport:
+    """The whole site side of one phase: check, run, report (signed, to the store)."""
+    site = load_site(Path(site_root))
+    try:
+        run = check_instruction(site, instruction)
+    except Refused as exc:
+        return record_refusal(site, instruction, str(exc))
+    phases = {
+        Phase.PREPARE: prepare_phase,
+        Phase.TRAIN: train_phase,
+        Phase.EVALUATE: evaluate_phase,
+    }
+    try:
+        status, reason, data = phases[run.instr.phase](run, call)
+    except (StepError, LedgerError) as exc:
+        _report(run, instruction, Status.FAILED, shareable(str(exc)), {})
+        raise
+    except Exception as exc:
+        _report(run, instruction, Status.FAILED, f"internal error ({type(exc).__name__})", {})
+        raise
+    return _report(run, instruction, status, reason, data)
+
+
+def _report(
+    run: SiteRun, instruction: str, status: Status, reason: str, data: dict[str, Any]
+) -> SiteReport:
+    report = SiteReport(
+        job=run.job,
+        round=run.round,
+        phase=run.instr.phase,
+        site=run.name,
+        status=status,
+        instruction=message_digest(instruction),
+        reason=reason,
+        data=data,
+    )
+    write_report(run.fed.artifact_store, report, run.site.identity)
+    return report
+
+
+# ---------------------------------------------------------------- references between steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetRef:
+    path: Path
+    fingerprint: str
+    n_train: int
+    n_test: int
+    patients_train: int
+    patients_test: int
+    features: int
+    cached: bool
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRef:
+    trained: bool
+    n_samples: int
+    base_model: str  # sha256 of the global model trained from
+    path: Path | None = None
+    sha256: str = ""
+    epsilon: float = float("nan")  # cumulative after this round; NaN without DP
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileRef:
+    path: Path
+    sha256: str
+    seconds: float
+    norm: float = float("nan")
+
+
+# ---------------------------------------------------------------- phases
+
+
+def prepare_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
+    """Everything checkable before anyone trains: the store, the ledger, the data, the keys."""
+    transport.check_writable(run.fed.artifact_store)
+    run.ledger.size()  # reachable (and tables exist) before any data is read
+    data = call(preprocess, run)
+    out: dict[str, Any] = {
+        "patients_train": data.patients_train,
+        "samples_train": data.n_train,
+        "dataset": data.fingerprint,
+    }
+    if run.name == run.fed.keyholder:
+        out |= call(publish_keys, run)
+    return Status.COMPLETED, "", out
+
+
+def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
+    data = call(preprocess, run)
+    trained = call(train, run, data)
+    if not trained.trained:
+        return (
+            Status.REFUSED,
+            trained.reason,
+            {"refused": "budget", "epsilon": trained.epsilon, "samples": trained.n_samples},
+        )
+    update = call(clip_and_noise, run, trained)
+    cipher = call(encrypt, run, update)
+    ref, seconds = call(upload, run, cipher)
+    return (
+        Status.COMPLETED,
+        "",
+        {
+            "update": ref.model_dump(mode="json"),
+            "samples": trained.n_samples,
+            "epsilon": trained.epsilon,
+            "base_model": trained.base_model,
+            "seconds": {
+                "preprocess": data.seconds,
+                "train": trained.seconds,
+                "clip": update.seconds,
+                "encrypt": cipher.seconds,
+                "upload": seconds,
+            },
+        },
+    )
+
+
+def evaluate_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
+    data = call(preprocess, run)
+    result = call(evaluate, run, data)
+    return Status.COMPLETED, "", result
+
+
+# ---------------------------------------------------------------- steps
+
+
+def prepared_cache_path(run: SiteRun) -> Path:
+    """Where the site keeps its prepared split: keyed by raw inputs and prep settings."""
+    cfg = run.site.settings
+    source = source_for(run.name, cfg.kind, cfg.data)
+    settings = source.settings() | {
+        "image_size": run.fed.model.image_size,
+        "holdout": run.fed.holdout_fraction,
+        "seed": run.fed.seed,
+    }
+    digest = hashlib.sha256(
+        (source.digest() + json.dumps(settings, sort_keys=True)).encode()
+    ).hexdigest()
+    return run.site.cache / f"prepared-{digest[:32]}.npz"
+
+
+def preprocess(run: SiteRun) -> DatasetRef:
+    """Ingest (or reuse the cached split); recorded once per job (round 0)."""
+    start = time.perf_counter()
+    cfg = run.site.settings
+    cache = prepared_cache_path(run)
+    cached = cache.exists()
+    if cached:
+        ds = ingest.load_prepared(cache)
+    else:
+        ds = source_for(run.name, cfg.kind, cfg.data).prepare(
+            secret=run.site.pseudonym_secret(),
+            image_size=run.fed.model.image_size,
+            holdout_fraction=run.fed.holdout_fraction,
+            seed=run.fed.seed,
+        )
+        ingest.save_prepared(ds, cache)
+    unit = "images" if cfg.kind == "dicom" else "rows"
+    step_log().info(
+        "site %s: %s %d training and %d held-out %s (%d + %d patients)",
+        run.name,
+        "reused the prepared split:" if cached else "prepared",
+        len(ds.y_train),
+        len(ds.y_test),
+        unit,
+        ds.n_patients_train,
+        ds.n_patients_test,
+    )
+    ref = DatasetRef(
+        path=cache,
+        fingerprint=ds.fingerprint,
+        n_train=len(ds.y_train),
+        n_test=len(ds.y_test),
+        patients_train=ds.n_patients_train,
+        patients_test=ds.n_patients_test,
+        features=int(ds.x_train.shape[1]) if ds.x_train.ndim == 2 else 0,
+        cached=cached,
+        seconds=time.perf_counter() - start,
+    )
+    rec = run.recorder(round_number=0)
+    prior = rec.prior("preprocess")
+    if prior is not None and prior["outputs"].get("dataset") != ds.fingerprint:
+        raise StepError(
+            f"site {run.name}: its data changed since job {run.job} prepared it; start a new job"
+        )
+    rec.record(
+        Action.PREPROCESS,
+        "preprocess",
+        outputs={"dataset": ds.fingerprint},
+        details={
+            "kind": str(cfg.kind),
+            "images_or_rows_train": ref.n_train,
+            "images_or_rows_heldout": ref.n_test,
+            "patients_train": ref.patients_train,
+            "patients_heldout": ref.patients_test,
+            "deidentified": True,
+            "pseudonymization": "HMAC-SHA256 with a site secret",
+            "cached": cached,
+        },
+    )
+    return ref
+
+
+# ---- CKKS key material
+
+
+def keys_job(fed: FederationConfig) -> str:
+    return f"{fed.name}-{KEYS_JOB_SUFFIX}"
+
+
+def ckks_params(fed: FederationConfig) -> dict[str, Any]:
+    return {
+        "poly_modulus_degree": fed.ckks.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(fed.ckks.coeff_mod_bit_sizes),
+        "global_scale_bits": fed.ckks.global_scale_bits,
+    }
+
+
+def publish_keys(run: SiteRun) -> dict[str, Any]:
+    """Key holder only: create the CKKS key set here (once), publish its public context, and
+    seal the secret context to every other site's X25519 key."""
+    site, fed = run.site, run.fed
+    params_file = site.keys_dir / "ckks.params.json"
+    params = json.dumps(ckks_params(fed), sort_keys=True)
+    if site.ckks_secret_path.exists():
+        if params_file.exists() and params_file.read_text() != params:
+            raise StepError(
+                f"site {site.name}: its CKKS key set was made with other [ckks] settings; "
+                "delete keys/ckks.secret to make a new one"
+            )
+        secret = site.ckks_secret_path.read_bytes()
+    else:
+        from ledger import keys as ledger_keys
+
+        secret = create_secret_context(**ckks_params(fed))
+        ledger_keys.write_secret(site.ckks_secret_path, secret)
+        ledger_keys.write_secret(params_file, params.encode())
+    job = keys_job(fed)
+    public = transport.publish(
+        fed.artifact_store,
+        f"{job}/ckks.public",
+        public_context(secret),
+        job=job,
+        round=0,
+        site=site.name,
+        kind="ckks_public",
+        signer=site.identity,
+    )
+    sealed = {}
+    for other in fed.sites:
+        if other.name == site.name:
+            continue
+        blob = seal(
+            secret,
+            recipient_kex=bytes.fromhex(other.kex_key),
+            federation=fed.name,
+            recipient=other.name,
+        )
+        ref = transport.publish(
+            fed.artifact_store,
+            f"{job}/ckks.secret.{other.name}.sealed",
+            blob,
+            job=job,
+            round=0,
+            site=other.name,
+            kind="ckks_secret_sealed",
+            signer=site.identity,
+        )
+        sealed[other.name] = ref.model_dump(mode="json")
+    return {"ckks_public": public.model_dump(mode="json"), "ckks_sealed": sealed}
+
+
+def public_ckks(run: SiteRun) -> bytes:
+    ref = run.instr.ckks_public
+    if ref is None:
+        raise StepError("the instruction names no CKKS public context")
+    return transport.fetch(
+        ref,
+        public_key=run.site_key(run.fed.keyholder),
+        job=keys_job(run.fed),
+        round=0,
+        kind="ckks_public",
+        site=run.fed.keyholder,
+    )
+
+
+def secret_ckks(run: SiteRun) -> bytes:
+    """The CKKS secret context: the key holder's own, or received sealed and kept here."""
+    site = run.site
+    if site.ckks_secret_path.exists():
+        return site.ckks_secret_path.read_bytes()
+    ref = run.instr.ckks_secret
+    if ref is None:
+        raise StepError(f"site {site.name} holds no CKKS secret and the instruction names none")
+    blob = transport.fetch(
+        ref,
+        public_key=run.site_key(run.fed.keyholder),
+        job=keys_job(run.fed),
+        round=0,
+        kind="ckks_secret_sealed",
+        site=site.name,
+    )
+    secret = open_sealed(blob, kex=site.kex_key, federation=run.fed.name, recipient=site.name)
+    from ledger import keys as ledger_keys
+
+    ledger_keys.write_secret(site.ckks_secret_path, secret)
+    return secret
+
+
+# ---- the global model
+
+
+def model_for(fed: FederationConfig, features: int) -> Any:
+    m = fed.model
+    return models.build(str(m.kind), features=features, hidden=m.hidden)
+
+
+def global_before(run: SiteRun, features: int) -> np.ndarray:
+    """The global model this round starts from: the site's own copy when it matches the
+    instruction's hash, else rebuilt from the seed and every aggregate since (a site that
+    missed a round catches up)."""
+    g = run.instr.global_model
+    target_round = g.round if g is not None else run.round - 1
+    path = run.site.global_model(run.job, target_round)
+    if path.exists():
+        params = load_array(path)
+        if target_round == 0 or g is None or model_hash(params) == g.model_hash:
+            return params
+    m = run.fed.model
+    params = models.flat_params(
+        models.initial(str(m.kind), seed=run.fed.seed, features=features, hidden=m.hidden)
+    )
+    save_array(run.site.global_model(run.job, 0), params)
+    if target_round == 0:
+        return params
+    if g is None or len(g.aggregates) != target_round:
+        raise StepError(
+            f"site {run.name} has no global model of round {target_round} and the instruction "
+            "does not carry the aggregates to rebuild it"
+        )
+    backend = SharedKeyCKKS(secret_ckks(run))
+    strategy = FedAvg()
+    for k, ref in enumerate(g.aggregates, start=1):
+        blob = transport.fetch(
+            ref, public_key=run.coordinator_key, job=run.job, round=k, kind="aggregate"
+        )
+        params = strategy.apply(params, backend.decrypt(blob))
+        save_array(run.site.global_model(run.job, k), params)
+    if model_hash(params) != g.model_hash:
+        raise IntegrityError(
+            f"site {run.name}: the rebuilt global model of round {target_round} does not match "
+            "the committed one"
+        )
+    step_log().info("site %s rebuilt the global model of round %d", run.name, target_round)
+    return params
+
+
+# ---- train
+
+
+def noise_multiplier_for(run: SiteRun, n_patients: int) -> float | None:
+    dp = run.dp
+    if not dp.enabled:
+        return None
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    one_round = privacy.planned_release(
+        n_samples=n_patients,
+        batch_size=run.fed.batch_size,
+        epochs=run.fed.local_epochs,
+        noise_multiplier=1.0,
+    )
+    site_level = privacy.site_level_release(dp.update_noise_multiplier)
+    return privacy.calibrate_noise(
+        target_epsilon=dp.target_epsilon,
+        delta=dp.delta,
+        sample_rate=one_round.sample_rate,
+        steps=one_round.steps * run.fed.rounds,
+        accountant=str(dp.accountant),
+        # The plan's site-level releases share the target with DP-SGD.
+        alongside=(site_level,) * run.fed.rounds if site_level else (),
+    )
+
+
+def release_history(ledger: Ledger, site: str) -> list[privacy.Release]:
+    """Every DP release the site has made, in any job, read from the ledger."""
+    history = []
+    for ev in ledger.events(site=site):
+        release = (ev.get("privacy") or {}).get("release")
+        if ev.get("actor") == site and release and ev["outcome"] == str(Outcome.SUCCESS):
+            history.append(privacy.Release(**release))
+    return history
+
+
+def recorded_output(run: SiteRun, step: str, output: str, path: Path) -> str | None:
+    """The hash a retried step must reproduce: None when the step was never recorded; the
+    recorded hash when its output file is still there and intact. Recomputing instead would
+    make the ledger's lineage disagree with the artifacts (CKKS encryption is randomized)."""
+    prior = run.recorder().prior(step)
+    if prior is None:
+        return None
+    digest = prior["outputs"][output]
+    if not path.exists() or sha256_file(path) != digest:
+        raise StepError(
+            f"site {run.name}: {step} of round {run.round} is already recorded, but its output "
+            "is missing or altered; restore it or start a new job"
+        )
+    return digest
+
+
+def train(run: SiteRun, data: DatasetRef) -> TrainRef:
+    from tasks.train import TrainSettings, train_local
+
+    start = time.perf_counter()
+    reused = _train_already_recorded(run, data)
+    if reused is not None:
+        return reused
+    dp, fed, rec = run.dp, run.fed, run.recorder()
+    base = global_before(run, data.features)
+    base_hash = model_hash(base)
+    noise = noise_multiplier_for(run, data.patients_train)  # the patient is the DP unit
+    history = release_history(run.ledger, run.name)
+    privacy_record: dict | None = {"dp": False, "epsilon": "unbounded"}
+    epsilon_after = float("nan")  # stays NaN without any DP release: there is no epsilon
+    planned = None
+    if noise is not None:
+        planned = privacy.planned_release(
+            n_samples=data.patients_train,
+            batch_size=fed.batch_size,
+            epochs=fed.local_epochs,
+            noise_multiplier=noise,
+        )
+    this_round = [r for r in (planned, privacy.site_level_release(dp.update_noise_multiplier)) if r]
+    if this_round:
+        decision = privacy.admit(
+            history,
+            this_round,
+            budget=dp.epsilon_budget,
+            delta=dp.delta,
+            accountant=str(dp.accountant),
+        )
+        epsilon_after = decision.projected
+        if run.round == 1:
+            projected = privacy.plan(
+                history,
+                this_round,
+                rounds=fed.rounds,
+                delta=dp.delta,
+                accountant=str(dp.accountant),
+            )
+            step_log().info(
+                "site %s privacy plan: %d round(s) x %d step(s) at patient sample rate %.3f, "
+                "noise %.3f -> cumulative epsilon by round: %s (budget %g, delta %g, %s)",
+                run.name,
+                fed.rounds,
+                planned.steps if planned else 0,
+                planned.sample_rate if planned else 0.0,
+                noise or 0.0,
+                ", ".join(f"{e:.2f}" for e in projected),
+                dp.epsilon_budget,
+                dp.delta,
+                dp.accountant,
+            )
+        if not decision.admitted:
+            rec.record(
+                Action.REFUSE,
+                "train",
+                outcome=Outcome.REFUSED,
+                inputs={"dataset": data.fingerprint},
+                privacy={
+                    "epsilon_spent": decision.spent,
+                    "epsilon_projected": decision.projected,
+                    "epsilon_budget": dp.epsilon_budget,
+                    "delta": dp.delta,
+                    "accountant": str(dp.accountant),
+                },
+                details={"reason": decision.reason},
+            )
+            return TrainRef(
+                trained=False,
+                n_samples=data.n_train,
+                base_model=base_hash,
+                reason=decision.reason,
+                epsilon=decision.spent,
+            )
+    step_log().info(
+        "site %s: training round %d on %d samples for %d epoch(s)%s",
+        run.name,
+        run.round,
+        data.n_train,
+        fed.local_epochs,
+        f", DP-SGD noise {noise:.3f}, epsilon after it {epsilon_after:.2f} of {dp.epsilon_budget:g}"
+        if noise is not None
+        else " without DP",
+    )
+    ds = ingest.load_prepared(data.path)
+    model = models.load_flat(model_for(fed, data.features), base)
+    outcome = train_local(
+        model,
+        ds.x_train,
+        ds.y_train,
+        groups=ds.groups_train,
+        settings=TrainSettings(
+            epochs=fed.local_epochs,
+            batch_size=fed.batch_size,
+            learning_rate=fed.learning_rate,
+            seed=fed.seed * 1000 + run.round,
+            noise_multiplier=noise,
+            max_grad_norm=dp.max_grad_norm,
+        ),
+    )
+    if outcome.release is not None:
+        if outcome.release != planned:
+            raise StepError(f"site {run.name}: training made a different DP release than budgeted")
+        privacy_record = {
+            "release": outcome.release.as_dict(),
+            "epsilon_round": privacy.epsilon(
+                [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
+            ),
+            # After this release only; a site-level release, if any, follows in clip_and_noise.
+            "epsilon_cumulative": epsilon_after
+            if this_round == [planned]
+            else privacy.epsilon(
+                history + [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
+            ),
+            "epsilon_budget": dp.epsilon_budget,
+            "delta": dp.delta,
+            "accountant": str(dp.accountant),
+            "max_grad_norm": dp.max_grad_norm,
+            "unit": "patient",
+            "patients": outcome.n_patients,
+            "max_images_per_patient": outcome.max_images_per_patient,
+        }
+    out = run.work() / "local.npy"
+    digest = save_array(out, outcome.params)
+    rec.record(
+        Action.TRAIN,
+        "train",
+        inputs={"dataset": data.fingerprint, "global_model": base_hash},
+        outputs={"local_model": digest},
+        privacy=privacy_record,
+        details={
+            "samples": outcome.n_samples,
+            "epochs": fed.local_epochs,
+            "mean_loss": outcome.mean_loss,
+            "device": outcome.device,
+            "dp": noise is not None,
+        },
+    )
+    return TrainRef(
+        trained=True,
+        n_samples=outcome.n_samples,
+        base_model=base_hash,
+        path=out,
+        sha256=digest,
+        epsilon=epsilon_after,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _train_already_recorded(run: SiteRun, data: DatasetRef) -> TrainRef | None:
+    """A retried round reuses the update it already released (and paid for)."""
+    ev = run.recorder().prior("train")
+    if ev is None:
+        return None
+    base = ev["inputs"].get("global_model", "")
+    recorded = ev.get("privacy") or {}
+    cumulative = recorded.get("epsilon_cumulative", recorded.get("epsilon_spent", float("nan")))
+    if ev["action"] == str(Action.REFUSE):
+        return TrainRef(
+            trained=False,
+            n_samples=data.n_train,
+            base_model=base,
+            reason=ev["details"]["reason"],
+            epsilon=cumulative,
+        )
+    path = run.work() / "local.npy"
+    digest = recorded_output(run, "train", "local_model", path)
+    return TrainRef(
+        trained=True,
+        n_samples=ev["details"]["samples"],
+        base_model=base,
+        path=path,
+        sha256=digest or "",
+        epsilon=cumulative,
+    )
+
+
+def clip_and_noise(run: SiteRun, trained: TrainRef) -> FileRef:
+    start = time.perf_counter()
+    dp = run.dp
+    path = run.work() / "update.npy"
+    reused = recorded_output(run, "clip_and_noise", "update", path)
+    if reused is not None:
+        return FileRef(path=path, sha256=reused, seconds=0.0)
+    assert trained.path is not None
+    local = load_array(trained.path, sha256=trained.sha256)
+    base = load_array(run.site.global_model(run.job, run.round - 1))
+    if model_hash(base) != trained.base_model:
+        raise StepError(f"site {run.name}: the global model changed under round {run.round}")
+    clipped, norm = privacy.clip_update(local - base, max_norm=dp.update_clip_norm)
+    noise_std = dp.update_noise_multiplier * dp.update_clip_norm
+    release = privacy.site_level_release(dp.update_noise_multiplier)
+    privacy_record = None
+    if release is not None:
+        clipped = clipped + privacy.gaussian_noise(
+            clipped.size, std=noise_std, secure=dp.secure_rng
+        )  # no seed: noise from a public seed could be subtracted
+        history = release_history(run.ledger, run.name) + [release]
+        privacy_record = {
+            "release": release.as_dict(),
+            "mechanism": "site-level Gaussian on the clipped update (sensitivity 2 x clip norm)",
+            "epsilon_cumulative": privacy.epsilon(
+                history, delta=dp.delta, accountant=str(dp.accountant)
+            ),
+            "epsilon_budget": dp.epsilon_budget,
+            "delta": dp.delta,
+            "accountant": str(dp.accountant),
+        }
+    digest = save_array(path, clipped)
+    run.recorder().record(
+        Action.CLIP_AND_NOISE,
+        "clip_and_noise",
+        inputs={"local_model": trained.sha256, "global_model": trained.base_model},
+        outputs={"update": digest},
+        privacy=privacy_record,
+        details={
+            "norm_before": norm,
+            "clip_norm": dp.update_clip_norm,
+            "clipped": norm > dp.update_clip_norm,
+            "noise_std": noise_std,
+            "secure_rng": dp.secure_rng,
+        },
+    )
+    return FileRef(path=path, sha256=digest, norm=norm, seconds=time.perf_counter() - start)
+
+
+def encrypt(run: SiteRun, update: FileRef) -> FileRef:
+    start = time.perf_counter()
+    path = run.work() / "update.ckks"
+    reused = recorded_output(run, "encrypt", "ciphertext", path)
+    if reused is not None:
+        return FileRef(path=path, sha256=reused, seconds=0.0)
+    vector = load_array(update.path, sha256=update.sha256)
+    blob = SharedKeyCKKS(public_ckks(run)).encrypt(vector)
+    atomic_write(path, blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    run.recorder().record(
+        Action.ENCRYPT,
+        "encrypt",
+        inputs={"update": update.sha256},
+        outputs={"ciphertext": digest},
+        details={"scheme": "CKKS", "parameters": len(vector), "ciphertext_bytes": len(blob)},
+    )
+    return FileRef(path=path, sha256=digest, seconds=time.perf_counter() - start)
+
+
+def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, float]:
+    start = time.perf_counter()
+    data = encrypted.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != encrypted.sha256:
+        raise StepError(f"site {run.name}: its ciphertext changed after encryption")
+    ref = transport.publish(
+        run.fed.artifact_store,
+        f"{run.job}/r{run.round:04d}/{run.name}.ckks",
+        data,
+        job=run.job,
+        round=run.round,
+        site=run.name,
+        kind="update",
+        signer=run.site.identity,
+    )
+    run.recorder().record(
+        Action.UPLOAD,
+        "upload",
+        recipient=COORDINATOR,
+        inputs={"ciphertext": encrypted.sha256},
+        outputs={"artifact": ref.sha256},
+        details={"uri": ref.uri, "bytes": ref.size},
+    )
+    return ref, time.perf_counter() - start
+
+
+# ---- evaluate
+
+
+def evaluate(run: SiteRun, data: DatasetRef) -> dict[str, Any]:
+    from tasks.evaluate import metrics, predict
+
+    start = time.perf_counter()
+    ref = run.instr.aggregate
+    if ref is None:
+        raise StepError("the evaluate instruction names no aggregate")
+    blob = transport.fetch(
+        ref, public_key=run.coordinator_key, job=run.job, round=run.round, kind="aggregate"
+    )
+    mean_update = SharedKeyCKKS(secret_ckks(run)).decrypt(blob)
+    base = global_before(run, data.features)
+    new_global = FedAvg().apply(base, mean_update)
+    save_array(run.site.global_model(run.job, run.round), new_global)
+    version = model_hash(new_global)
+    ds = ingest.load_prepared(data.path)
+    model = models.load_flat(model_for(run.fed, data.features), new_global)
+    m = metrics(predict(model, ds.x_test), ds.y_test)
+    run.recorder().record(
+        Action.EVALUATE,
+        "evaluate",
+        inputs={"aggregate": ref.sha256, "dataset": data.fingerprint},
+        outputs={"global_model": version},
+        details={"auc": m.auc, "accuracy": m.accuracy, "heldout": m.n},
+    )
+    return {
+        "model_hash": version,
+        "auc": m.auc,
+        "accuracy": m.accuracy,
+        "heldout": m.n,
+        "seconds": {"evaluate": time.perf_counter() - start},
+    }
