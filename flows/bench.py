@@ -14,38 +14,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tasks.steps import RoundContext
 
 from flows.demo import prepare_demo
-from flows.round import RoundSummary, Submit, federated_round, run_round
-from flows.training import enroll_federation, federated_training
+from flows.dispatch import InProcessDispatcher
+from flows.round import RoundSummary, federated_round, run_round
+from flows.training import federated_training, prepare_sites, start_job
 from ledger.bench import run as ledger_bench
 from ledger.store import Ledger
 from tasks import StepError, models, secure_agg
 from tasks.config import FederationConfig, load_config
+from tasks.coordinator_steps import CoordinatorRun
 from tasks.train import dp_step_benchmark
 
 log = logging.getLogger("medfed.bench")
-
-
-def thread_pool_submit(pool: ThreadPoolExecutor) -> Submit:
-    """Run a step's plain function (`task.fn`) in the pool, resolving upstream futures there."""
-
-    def submit(step: Any, *args: Any) -> Future:
-        def call() -> Any:
-            return step.fn(*[a.result() if isinstance(a, Future) else a for a in args])
-
-        return pool.submit(call)
-
-    return submit
 
 
 @dataclass
@@ -82,11 +70,14 @@ def time_spent_in(cls: type, *methods: str) -> Iterator[SpentIn]:
             setattr(cls, name, fn)
 
 
-# The bench trains three one-round jobs on one ledger (warm-up, through Prefect, direct), each
-# calibrated to the demo's epsilon 2: the sites' budget must cover all three, or the timed
-# rounds would be refusals.
-BENCH_JOBS = 3
+# The bench trains four one-round jobs on one ledger (warm-up, through Prefect, direct, through
+# workers), each calibrated to the demo's epsilon 2: the sites' budget must cover all of them,
+# or the timed rounds would be refusals.
+BENCH_JOBS = 4
 BENCH_EPSILON_BUDGET = 2.0 * BENCH_JOBS + 1.0
+# Local epochs of the timed rounds: sized so that an in-process round takes about a minute
+# here, like real work, against which a worker's fixed cost per phase is measured.
+BENCH_LOCAL_EPOCHS = 300
 
 
 def require_every_site_trained(summary: RoundSummary, what: str) -> None:
@@ -95,29 +86,37 @@ def require_every_site_trained(summary: RoundSummary, what: str) -> None:
         raise StepError(f"bench: the {what} round did not train every site: {summary.message}")
 
 
+def prepared_job(fed: FederationConfig, job: str, sites_dir: Path | None) -> tuple:
+    run = CoordinatorRun(fed=fed, job=job, round=0)
+    start_job(run)
+    state = prepare_sites(run, str(sites_dir) if sites_dir else None, log)
+    return CoordinatorRun(fed=fed, job=job, round=1), state
+
+
 def round_figures(config: Path) -> dict[str, float]:
     fed = load_config(config)
+    sites_dir = config.parent / "sites"
     start = time.perf_counter()
-    (warmup,) = federated_training(str(config), "bench-warmup")  # starts the API, fills caches
+    (warmup,) = federated_training(str(config), "bench-warmup", str(sites_dir))
     first = time.perf_counter() - start
     require_every_site_trained(warmup, "warm-up")
 
+    prepared_job(fed, "bench-prefect", sites_dir)
     with time_spent_in(Ledger, "append_many", "events", "checkpoint") as ledger_time:
         start = time.perf_counter()
-        summary = federated_round(str(config), "bench-prefect", 1)
+        summary = federated_round(str(config), "bench-prefect", 1, str(sites_dir))
         through_prefect = time.perf_counter() - start
     require_every_site_trained(summary, "Prefect")
 
+    run, state = prepared_job(fed, "bench-direct", sites_dir)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=4 * len(fed.sites)) as pool:
-        summary = run_round(
-            RoundContext(fed=fed, job="bench-direct", round=1), thread_pool_submit(pool), log
-        )
+    summary = run_round(run, InProcessDispatcher(sites_dir), state, log)
     direct = time.perf_counter() - start
     require_every_site_trained(summary, "direct")
     return {
         "first_job_seconds_including_prefect_startup": first,
         "round_wall_seconds": through_prefect,
+        "in_process_round_seconds": through_prefect,
         "round_direct_seconds": direct,
         "prefect_overhead_fraction": (through_prefect - direct) / through_prefect,
         # The ledger's own work (CPU time of every append, query and checkpoint) per second
@@ -125,6 +124,35 @@ def round_figures(config: Path) -> dict[str, float]:
         # threads, which also counts waiting for the GIL while other sites train.
         "ledger_fraction_of_round_time": ledger_time.cpu / through_prefect,
         "ledger_wall_fraction_of_round_time": ledger_time.wall / through_prefect,
+    }
+
+
+def distributed_figures(config: Path, in_process: float) -> dict[str, float]:
+    """The same round through a real Prefect server and one process worker per site."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deploy_site
+    from flows.local import prefect_server, worker
+    from tasks.site import load_site
+
+    fed = load_config(config)
+    home = config.parent / "prefect-home"
+    with prefect_server(home) as api, temporary_settings(updates={PREFECT_API_URL: api}):
+        for s in fed.sites:
+            deploy_site(load_site(config.parent / "sites" / s.name), f"medfed-{s.name}")
+        with ExitStack() as stack:
+            for s in fed.sites:
+                stack.enter_context(worker(f"medfed-{s.name}", api, home))
+            prepared_job(fed, "bench-workers", None)
+            start = time.perf_counter()
+            summary = federated_round(str(config), "bench-workers", 1, None)
+            distributed = time.perf_counter() - start
+    require_every_site_trained(summary, "distributed")
+    return {
+        "distributed_round_seconds": distributed,
+        "distributed_over_in_process_round_ratio": distributed / in_process,
+        # Two phases (train, evaluate) per site, run in parallel: the extra wall time of one.
+        "dispatch_seconds_per_site_phase": (distributed - in_process) / 2,
     }
 
 
@@ -161,14 +189,21 @@ def ckks_figures(fed: FederationConfig, *, million: int = 1_000_000) -> dict[str
 def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="medfed-bench-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
-        config = prepare_demo(root, rounds=1, dp=True, epsilon_budget=BENCH_EPSILON_BUDGET)
+        config = prepare_demo(
+            root,
+            rounds=1,
+            dp=True,
+            epsilon_budget=BENCH_EPSILON_BUDGET,
+            site_budget=BENCH_EPSILON_BUDGET,
+            local_epochs=BENCH_LOCAL_EPOCHS,
+        )
         fed = load_config(config)
-        enroll_federation(fed)
         figures: dict[str, Any] = {
             "machine": f"{os.cpu_count()} cpu, torch {torch.__version__}, "
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
         }
         figures |= round_figures(config)
+        figures |= distributed_figures(config, figures["in_process_round_seconds"])
         # A DP step takes `batch_size` expected patients; the demo's have 3-5 images each.
         figures |= dp_step_benchmark(
             image_size=fed.model.image_size,

@@ -199,19 +199,27 @@ class WorkerDispatcher:
     """Sites as Prefect deployments `site_round/<site>` run by each site's own worker."""
 
     def run(self, call: PhaseCall, sites: list[str]) -> dict[str, SiteOutcome]:
+        from prefect.context import FlowRunContext
+
+        in_flow = FlowRunContext.get() is not None
+        pool = ThreadPoolExecutor(max_workers=max(1, len(sites)))
         results: dict[str, SiteOutcome] = {}
-        futures = {}
+        futures: dict[str, Any] = {}
         for site in sites:
             if (done := reusable(call, site)) is not None:
                 results[site] = done
                 continue
-            futures[site] = dispatch_task.submit(
+            args = (
                 call.instructions[site],
                 site,
                 str(call.phase),
                 call.timeout,
                 f"{call.job}-r{call.round}-{site}-{call.phase}",
             )
+            futures[site] = (
+                dispatch_task.submit(*args) if in_flow else pool.submit(dispatch_task.fn, *args)
+            )
+        pool.shutdown(wait=False)
         for site, future in futures.items():
             try:
                 finished = bool(future.result())

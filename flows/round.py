@@ -63,6 +63,7 @@ class RoundSummary:
     aggregate_seconds: float
     sites: tuple[SiteRow, ...]
     message: str = ""
+    dropped: tuple[str, ...] = ()  # timed out or failed: left out of this job run's later rounds
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +246,7 @@ def run_round(
         weighted_accuracy=overall.accuracy,
         aggregate_seconds=agg.seconds,
         sites=tuple(_row(s, trained[s], evals.get(s), dropped.get(s, "")) for s in active),
+        dropped=tuple(sorted(dropped)),
     )
 
 

@@ -67,6 +67,7 @@ def start_job(run: CoordinatorRun) -> None:
             f"federation file now gives {run.digest[:16]}: restore the file, or start a new "
             "job (omit --job)"
         )
+    run.fed.check_runnable()
     check_enrolled(run.ledger, run.fed)
     fed = run.fed
     run.recorder().record(
@@ -125,7 +126,7 @@ def federated_training(
     job = _job_for_this_run(config_path, job)
     run = CoordinatorRun(fed=fed, job=job, round=0)
     start_job(run)
-    prepare_sites(run, sites_dir, logger)
+    state = prepare_sites(run, sites_dir, logger)
     done = committed_rounds(run)
     summaries: list[RoundSummary] = []
     status = "completed"
@@ -139,6 +140,11 @@ def federated_training(
         if summary.status == "budget_exhausted":
             status = "budget_exhausted"
             break
+        if summary.dropped:
+            # A site that timed out or failed sits out the rest of this run (a resume or a
+            # retry asks it again), so one dead site costs one timeout, not one per round.
+            state["active"] = [s for s in state["active"] if s not in summary.dropped]
+            run.paths.save_state(job, "prepare", state)
     run.recorder().record(
         Action.JOB_END,
         key=f"{job}/end",

@@ -148,8 +148,6 @@ class FederationConfig(_Strict):
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError("site names must be unique")
-        if self.min_sites > len(self.sites):
-            raise ValueError(f"min_sites ({self.min_sites}) exceeds the {len(names)} sites listed")
         kinds = {s.kind for s in self.sites}
         if len(kinds) > 1:
             raise ValueError("all sites must be of one kind: they train one model")
@@ -172,6 +170,13 @@ class FederationConfig(_Strict):
     @property
     def keyholder(self) -> str:
         return self.ckks.keyholder or self.sites[0].name
+
+    def check_runnable(self) -> None:
+        """What a job needs beyond a valid file (sites are registered one at a time)."""
+        if self.min_sites > len(self.sites):
+            raise ConfigError(
+                f"min_sites ({self.min_sites}) exceeds the {len(self.sites)} sites listed"
+            )
 
     def site(self, name: str) -> SiteEntry:
         for s in self.sites:

@@ -13,7 +13,7 @@ from tasks.privacy import calibrate_noise, epsilon, planned_release
 
 
 def _demo_number(name: str) -> float:
-    text = demo_config_text(["a", "b"], rounds=1, dp=True)
+    text = demo_config_text(rounds=1, dp=True)
     line = next(x for x in text.splitlines() if x.startswith(f"{name} ="))
     return float(line.split("=")[1])
 

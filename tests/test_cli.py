@@ -33,9 +33,7 @@ def assert_one_clean_error(proc: subprocess.CompletedProcess, code: int, *fragme
 
 def test_bad_config_exits_2_naming_the_field(tmp_path):
     cfg = tmp_path / "federation.toml"
-    cfg.write_text(
-        demo_config_text(["a", "b"], rounds=2, dp=True).replace("delta = 1e-5", "delta = 3")
-    )
+    cfg.write_text(demo_config_text(rounds=2, dp=True).replace("delta = 1e-5", "delta = 3"))
     assert_one_clean_error(medfed("validate", str(cfg)), 2, "dp.delta")
     assert_one_clean_error(medfed("run", str(cfg)), 2, "dp.delta")
 
@@ -69,16 +67,39 @@ def test_verify_exit_codes(tmp_path):
     assert_one_clean_error(medfed("ledger", "verify", "--ledger", url), 1, "entry 3")
 
 
-def test_bad_site_data_fails_inside_prefect_without_a_traceback(tmp_path):
-    """A site's missing manifest is found by its preprocess task; the console gets one line."""
-    (tmp_path / "data").mkdir()
+def test_a_site_with_bad_data_stops_the_job_before_anyone_trains(tmp_path):
+    """Every site's data is checked in `prepare`: a missing file drops its site, and with
+    fewer than min_sites left the job stops (exit 1) naming the site, before any training."""
+    from fedhelp import tabular_federation
+
+    from tasks.synthetic import write_tabular_cohort
+
+    a = write_tabular_cohort(tmp_path / "a.csv", n_patients=60, seed=1)
+    b = write_tabular_cohort(tmp_path / "b.csv", n_patients=60, seed=2)
+    cfg = tabular_federation(tmp_path, {"clinic-a": (a, None), "clinic-b": (b, None)})
+    b.unlink()
+    proc = medfed("run", str(cfg), "--sites", str(tmp_path / "sites"), timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "clinic-b" in proc.stderr and "nobody trained" in proc.stderr
+    assert "--job" in proc.stderr  # the command that resumes the job
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    assert not ledger.events(action="train")
+    (drop,) = ledger.events(action="drop")
+    assert drop["site"] == "clinic-b" and "b.csv" not in str(drop)  # no site-private path
+
+
+def test_run_without_workers_or_sites_is_bad_usage(tmp_path):
     cfg = tmp_path / "federation.toml"
-    cfg.write_text(demo_config_text(["north", "south"], rounds=1, dp=True))
-    proc = medfed("run", str(cfg), timeout=600)
-    assert_one_clean_error(proc, 2, "north")
-    assert not (tmp_path / "artifacts").exists() or not any(
-        (tmp_path / "artifacts").rglob("*.ckks")
+    cfg.write_text(
+        demo_config_text(rounds=1, dp=True) + '\n[[sites]]\nname = "a"\nkind = "dicom"\n'
+        f'public_key = "{"1" * 64}"\nkex_key = "{"2" * 64}"\n'
     )
+    env_free = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run(
+        [*MEDFED, "run", str(cfg)], capture_output=True, text=True, env=env_free, timeout=300
+    )
+    assert_one_clean_error(proc, 2, "PREFECT_API_URL", "--sites")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["ledger", "--help"], ["demo", "--help"]])
@@ -88,7 +109,7 @@ def test_help_works(args):
 
 
 def test_compliance_tables_stay_readable_and_json_keeps_values_whole(capsys):
-    from flows.ledger_cli import _emit
+    from flows.cli.ledger import _emit
 
     digest = "ab" * 32
     row = {"site": "st-mary", "dataset": digest, "recorded": "2026-12-01T18:19:09.807272Z"}

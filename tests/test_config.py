@@ -6,9 +6,14 @@ from pathlib import Path
 import pytest
 
 from flows.demo import demo_config_text
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError, load_config, plan_digest
 
-GOOD = demo_config_text(["site-a", "site-b"], rounds=2, dp=True)
+KEYS = {n: (f"{i:x}" * 64, f"{i + 5:x}" * 64) for i, n in enumerate(["site-a", "site-b"], 1)}
+SITES = "".join(
+    f'\n[[sites]]\nname = "{n}"\nkind = "dicom"\npublic_key = "{pk}"\nkex_key = "{kx}"\n'
+    for n, (pk, kx) in KEYS.items()
+)
+GOOD = demo_config_text(rounds=2, dp=True) + SITES
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -20,21 +25,36 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
     fed = load_config(write(tmp_path, GOOD))
     assert [s.name for s in fed.sites] == ["site-a", "site-b"]
-    assert fed.sites[0].data == tmp_path.resolve() / "data" / "site-a"
+    assert fed.keyholder == "site-a"  # the first site, unless [ckks] keyholder names one
     assert fed.ledger_url == f"sqlite:///{tmp_path.resolve()}/ledger.db"
     assert fed.artifact_store == (tmp_path.resolve() / "artifacts").as_uri()
     assert fed.dp.target_epsilon == 2.0 and fed.dp.noise_multiplier is None
 
 
-def test_a_site_policy_overrides_the_federation_dp_for_that_site_only(tmp_path):
-    text = GOOD.replace('name = "site-b"', 'name = "site-b"\nepsilon_budget = 0.5\ndelta = 1e-7')
-    fed = load_config(write(tmp_path, text))
-    own, other = fed.dp_for("site-b"), fed.dp_for("site-a")
-    assert (own.epsilon_budget, own.delta) == (0.5, 1e-7)
-    assert (other.epsilon_budget, other.delta) == (fed.dp.epsilon_budget, fed.dp.delta) == (2, 1e-5)
-    assert own.target_epsilon == other.target_epsilon == 2.0
-    with pytest.raises(ConfigError, match="site-c"):
-        fed.dp_for("site-c")
+def test_the_plan_names_keys_not_paths_and_its_digest_pins_every_setting(tmp_path):
+    fed = load_config(write(tmp_path, GOOD))
+    plan = fed.plan()
+    assert "coordinator_root" not in plan and "site_timeout_seconds" not in plan
+    assert plan["sites"][0]["public_key"] == KEYS["site-a"][0]
+    assert plan["ckks"]["keyholder"] == "site-a"
+    other = load_config(
+        write(tmp_path, GOOD.replace("learning_rate = 0.25", "learning_rate = 0.3"))
+    )
+    assert plan_digest(other.plan()) != plan_digest(plan)
+    # The coordinator's own timeout is not part of what sites approve.
+    same = load_config(
+        write(tmp_path, GOOD.replace("site_timeout_seconds = 900.0", "site_timeout_seconds = 60"))
+    )
+    assert plan_digest(same.plan()) == plan_digest(plan)
+
+
+def test_sites_must_not_share_keys_and_min_sites_is_checked_before_a_job(tmp_path):
+    shared = GOOD.replace(KEYS["site-b"][0], KEYS["site-a"][0])
+    with pytest.raises(ConfigError, match="share"):
+        load_config(write(tmp_path, shared))
+    fed = load_config(write(tmp_path, GOOD.replace("min_sites = 2", "min_sites = 5")))
+    with pytest.raises(ConfigError, match="min_sites"):
+        fed.check_runnable()
 
 
 @pytest.mark.parametrize(
@@ -44,12 +64,9 @@ def test_a_site_policy_overrides_the_federation_dp_for_that_site_only(tmp_path):
         (lambda t: re.sub(r"learning_rate = .*", 'learning_rate = "fast"', t), "learning_rate"),
         (lambda t: t.replace("rounds = 2", "rounds = 2\nbatchsize = 4"), "batchsize"),
         (lambda t: t.replace('kind = "dicom"', 'kind = "xray"', 1), "sites.0.kind"),
-        (lambda t: t.replace("min_sites = 2", "min_sites = 5"), "min_sites"),
-        (
-            lambda t: t.replace('name = "site-b"', 'name = "site-b"\nepsilon_budget = -1'),
-            "sites.1.epsilon_budget",
-        ),
-        (lambda t: t.replace('name = "site-a"', 'name = "site-a"\ndelta = 1.5'), "sites.0.delta"),
+        (lambda t: t.replace(KEYS["site-b"][0], "abc"), "sites.1.public_key"),
+        (lambda t: t.replace('name = "site-a"', 'name = "site-a"\ndata = "x"'), "sites.0.data"),
+        (lambda t: t.replace("[ckks]", '[ckks]\nkeyholder = "nobody"'), "ckks.keyholder"),
         (
             lambda t: t.replace(
                 "target_epsilon = 2.0", "target_epsilon = 2.0\nnoise_multiplier = 1.0"
@@ -87,25 +104,3 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "rounds = = 3"))
-
-
-def test_tabular_federation(tmp_path):
-    text = """
-name = "ehr"
-[model]
-kind = "logistic"
-[[sites]]
-name = "a"
-kind = "tabular"
-data = "a.csv"
-labels = "outcome"
-[[sites]]
-name = "b"
-kind = "tabular"
-data = "b.db"
-table = "visits"
-labels = "outcome"
-"""
-    fed = load_config(write(tmp_path, text))
-    assert fed.sites[1].table == "visits"
-    assert fed.sites[0].labels == "outcome"  # a column, not resolved as a path

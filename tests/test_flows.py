@@ -7,19 +7,21 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from fedhelp import tabular_federation
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.demo import DEMO_SEED, demo_config_text
-from flows.training import federated_training
+from flows.demo import DEMO_SEED, assemble_federation, prepare_demo
+from flows.training import federated_training as _federated_training
 from ledger.store import Ledger
 from ledger.verify import EntryError, verify_ledger
 from tasks.config import load_config
 from tasks.privacy import Release, epsilon
+from tasks.site import load_site
 from tasks.synthetic import ensure_demo_cohorts, write_tabular_cohort
 
 pytestmark = pytest.mark.prefect
 
-SITE_STEPS = ("preprocess", "train", "clip_and_noise", "encrypt", "upload", "evaluate")
+ROUND_STEPS = ("train", "clip_and_noise", "encrypt", "upload", "evaluate")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,22 +38,34 @@ def cohorts(tmp_path_factory) -> Path:
 
 
 def federation(
-    tmp_path: Path, cohorts: Path, *, rounds: int, dp: bool = True, **replace: str
+    tmp_path: Path,
+    cohorts: Path,
+    *,
+    rounds: int,
+    dp: bool = True,
+    site_budget: float = 10.0,
+    **replace: str,
 ) -> Path:
-    """The demo federation file, in its own folder, reading the shared (read-only) cohorts."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "data").symlink_to(cohorts, target_is_directory=True)
-    text = demo_config_text(
-        sorted(p.name for p in cohorts.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        rounds=rounds,
-        dp=dp,
-    )
+    """The demo federation in its own folder (site roots, coordinator, ledger), reading the
+    shared cohorts; `replace` edits the file, and the sites approve the edited plan."""
+    config = prepare_demo(tmp_path, rounds=rounds, dp=dp, cohorts=cohorts, site_budget=site_budget)
+    text = config.read_text()
     for old, new in replace.items():
         assert old in text
         text = text.replace(old, new)
-    path = tmp_path / "federation.toml"
-    path.write_text(text)
-    return path
+    assemble_federation(
+        config, text.split("\n[[sites]]")[0] + "\n", sites_of(config), register=False
+    )
+    return config
+
+
+def sites_of(config: Path) -> list:
+    return [load_site(p) for p in sorted((config.parent / "sites").iterdir())]
+
+
+def federated_training(config: str, job: str) -> list:
+    """The training flow with the sites in this process, from their roots beside the file."""
+    return _federated_training(config, job, str(Path(config).parent / "sites"))
 
 
 # Tests about bookkeeping, not accuracy, train briefly.
@@ -75,8 +89,9 @@ def test_two_round_federation_is_recorded_step_by_step(tmp_path, cohorts):
     ledger = ledger_of(config)
     report = verify_ledger(ledger.url)
     counts = Counter((e["action"], e["round"]) for e in ledger.events(job="job-a"))
+    assert counts[("preprocess", 0)] == 3  # once per job, before anyone trains
     for r in (1, 2):
-        for step in SITE_STEPS:
+        for step in ROUND_STEPS:
             assert counts[(step, r)] == 3, (step, r)
         assert counts[("secure_aggregate", r)] == 1
         assert counts[("commit_round", r)] == 1
@@ -113,9 +128,10 @@ def test_two_round_federation_is_recorded_step_by_step(tmp_path, cohorts):
     assert info.value.seq == victim["seq"]
 
 
-def test_failed_round_is_retried_without_training_or_charging_twice(tmp_path, cohorts):
+def test_unwritable_store_stops_the_job_before_anyone_trains(tmp_path, cohorts):
     blocker = tmp_path / "store"
-    blocker.write_text("not a directory")  # uploads fail: the store path is a file
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")  # the store path is a file
     config = federation(
         tmp_path,
         cohorts,
@@ -123,24 +139,27 @@ def test_failed_round_is_retried_without_training_or_charging_twice(tmp_path, co
         **QUICK,
         **{'artifact_store = "artifacts"': 'artifact_store = "store/artifacts"'},
     )
-    with pytest.raises(Exception):  # noqa: B017 - whichever error the filesystem raises
+    with pytest.raises(Exception, match="prepared, fewer than min_sites|did not prepare"):
         federated_training(str(config), "job-r")
     ledger = ledger_of(config)
-    trained_before = {e["site"]: e for e in ledger.events(job="job-r", action="train")}
-    assert len(trained_before) == 3
-    assert not ledger.events(job="job-r", action="upload")
+    assert not ledger.events(job="job-r", action="train")
+    assert not ledger.events(job="job-r", action="preprocess")  # checked before reading data
+    assert {d["site"] for d in ledger.events(job="job-r", action="drop")} == {
+        s.name for s in sites_of(config)
+    }
 
     blocker.unlink()
     summaries = federated_training(str(config), "job-r")
     assert [s.status for s in summaries] == ["committed"]
-    trained_after = {e["site"]: e for e in ledger.events(job="job-r", action="train")}
-    assert trained_after == trained_before  # same entries: no retraining, no second charge
-    # Lineage holds: what was uploaded is what was encrypted in the first attempt.
-    for site in trained_after:
-        enc = ledger.events(job="job-r", site=site, action="encrypt")[0]
-        up = ledger.events(job="job-r", site=site, action="upload")[0]
-        assert up["inputs"]["ciphertext"] == enc["outputs"]["ciphertext"]
     verify_ledger(ledger.url)
+
+
+def test_resuming_a_job_with_a_changed_federation_file_is_refused(tmp_path, cohorts):
+    config = federation(tmp_path, cohorts, rounds=1, **QUICK)
+    federated_training(str(config), "pinned")
+    config.write_text(config.read_text().replace("learning_rate = 0.25", "learning_rate = 0.5"))
+    with pytest.raises(Exception, match="was started with federation digest"):
+        federated_training(str(config), "pinned")
 
 
 def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
@@ -196,12 +215,12 @@ def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
         tmp_path / "own",
         cohorts,
         rounds=2,
+        site_budget=100.0,
         **fixed_noise,
-        **{
-            "epsilon_budget = 2.0": "epsilon_budget = 100.0",
-            f'name = "{strict}"\n': f'name = "{strict}"\nepsilon_budget = {budget}\n',
-        },
+        **{"epsilon_budget = 2.0": "epsilon_budget = 100.0"},
     )
+    own = config.parent / "sites" / strict / "site.toml"  # the site's own policy, at the site
+    own.write_text(own.read_text().replace("epsilon_budget = 100.0", f"epsilon_budget = {budget}"))
     summaries = federated_training(str(config), "job-own")
     assert [s.status for s in summaries] == ["committed", "committed"]
     assert {r.site for r in summaries[1].sites if not r.trained} == {strict}
@@ -222,10 +241,8 @@ def test_spend_counts_site_level_noise_and_matches_the_accountant_recomputed(tmp
 
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from flows.ledger_cli import ledger_app
+    from flows.cli.main import app
 
-    app.add_typer(ledger_app, name="ledger")
     config = federation(
         tmp_path,
         cohorts,
@@ -261,7 +278,7 @@ def test_dp_demo_leaks_less_than_the_non_dp_demo_at_nearly_the_same_auc(tmp_path
         config = federation(tmp_path / str(dp), cohorts, rounds=4, dp=dp)
         summaries = federated_training(str(config), "audit")
         fed = load_config(config)
-        attack = pooled_attack([audit_site(fed, "audit", s.name) for s in fed.sites])
+        attack = pooled_attack([audit_site(fed, "audit", s) for s in sites_of(config)])
         outcome[dp] = (summaries[-1].weighted_auc, attack.attack_auc)
         if dp:
             assert all(0 < r.epsilon <= 2.0 for r in summaries[-1].sites)
@@ -288,32 +305,8 @@ def test_tabular_sites_csv_and_sqlite(tmp_path):
             f"INSERT INTO visits VALUES ({', '.join('?' * len(cols))})",
             [list(r.values()) for r in rows],
         )
-    config = tmp_path / "federation.toml"
-    config.write_text(
-        f"""
-name = "ehr"
-rounds = 2
-local_epochs = 3
-batch_size = 32
-learning_rate = 0.5
-min_sites = 2
-[model]
-kind = "logistic"
-[dp]
-noise_multiplier = 1.0
-max_grad_norm = 1.0
-[[sites]]
-name = "clinic-a"
-kind = "tabular"
-data = "{a}"
-labels = "outcome"
-[[sites]]
-name = "clinic-b"
-kind = "tabular"
-data = "{tmp_path / "b.db"}"
-table = "visits"
-labels = "outcome"
-"""
+    config = tabular_federation(
+        tmp_path, {"clinic-a": (a, None), "clinic-b": (tmp_path / "b.db", "visits")}
     )
     summaries = federated_training(str(config), "job-t")
     assert [s.status for s in summaries] == ["committed", "committed"]

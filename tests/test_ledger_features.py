@@ -399,11 +399,8 @@ def test_fast_jcs_numbers_match_rfc8785(x):
 
 
 def test_cli_exit_codes(tmp_path):
-    from flows.cli import app
-    from flows.ledger_cli import ledger_app
+    from flows.cli.main import app
 
-    if not any(getattr(g, "name", None) == "ledger" for g in app.registered_groups):
-        app.add_typer(ledger_app, name="ledger")
     run = CliRunner().invoke
     url = f"sqlite:///{tmp_path}/l.db"
     missing = tmp_path / "missing.db"

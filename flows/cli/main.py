@@ -149,6 +149,19 @@ def demo(
     )
 
 
+@app.command("demo-data")
+@cli_errors
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the three hospitals' DICOM data.")],
+) -> None:
+    """Generate the demo's three synthetic DICOM hospitals (one folder each, with manifests)."""
+    from flows.demo import DEMO_SEED
+    from tasks.synthetic import ensure_demo_cohorts
+
+    for name, path in sorted(ensure_demo_cohorts(out_dir, seed=DEMO_SEED).items()):
+        out.print(f"{name}: {path}")
+
+
 @app.command()
 @cli_errors
 def run(
@@ -297,6 +310,7 @@ def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file."
     from tasks.secure_agg import create_secret_context
 
     fed = load_config(config)
+    fed.check_runnable()
     transport.check_writable(fed.artifact_store)
     check_enrolled(Ledger(fed.ledger_url), fed)
     create_secret_context(

@@ -1,0 +1,54 @@
+"""Small federations for tests: tabular sites set up in their own roots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.demo import assemble_federation
+from tasks.config import SiteKind
+from tasks.site import init_site, site_toml_text
+
+TABULAR_HEADER = """
+name = "ehr"
+rounds = 2
+local_epochs = 3
+batch_size = 32
+learning_rate = 0.5
+min_sites = 2
+[model]
+kind = "logistic"
+[dp]
+noise_multiplier = 1.0
+max_grad_norm = 1.0
+"""
+
+
+def tabular_federation(
+    tmp_path: Path, sources: dict, *, header: str = TABULAR_HEADER, purposes=("HRESCH",)
+) -> Path:
+    """Tabular sites set up in their own roots, registered and approving the plan."""
+    from ledger import keys
+
+    coordinator = keys.load_or_create("coordinator", tmp_path / "coordinator/keys/identity.pem")
+    sites = [
+        init_site(
+            tmp_path / "sites" / name,
+            settings_text=site_toml_text(
+                name=name,
+                kind=SiteKind.TABULAR,
+                data=str(data),
+                labels="outcome",
+                table=table,
+                federation="ehr",
+                coordinator_key=coordinator.public_key.hex(),
+                model_kinds=["logistic"],
+                purposes=list(purposes),
+                epsilon_budget=10.0,
+                delta=1e-5,
+            ),
+        )
+        for name, (data, table) in sources.items()
+    ]
+    config = tmp_path / "federation.toml"
+    assemble_federation(config, header, sites)
+    return config

@@ -1,0 +1,169 @@
+"""The site boundary without Prefect: a site set up at the site, instructions it refuses
+before reading any data (each refusal a ledger entry), the sealed CKKS secret, and a
+coordinator root that cannot decrypt anything, tried file by file."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import numpy as np
+import pytest
+import tenseal as ts
+from cryptography.hazmat.primitives import serialization
+from fedhelp import tabular_federation
+
+from ledger import keys
+from ledger.store import Ledger
+from tasks import IntegrityError, StepError
+from tasks.config import load_config
+from tasks.coordinator_steps import CoordinatorRun, site_entry_from_enrollment
+from tasks.enrollment import open_sealed, read_enrollment, seal
+from tasks.messages import Phase, Status, make_instruction
+from tasks.secure_agg import decrypt_update
+from tasks.site import load_site
+from tasks.site_steps import run_site_phase
+from tasks.synthetic import write_tabular_cohort
+
+
+@pytest.fixture
+def fed(tmp_path):
+    a = write_tabular_cohort(tmp_path / "a.csv", n_patients=120, seed=1)
+    b = write_tabular_cohort(tmp_path / "b.csv", n_patients=120, seed=2)
+    config = tabular_federation(tmp_path, {"clinic-a": (a, None), "clinic-b": (b, None)})
+    return load_config(config)
+
+
+def instruction(fed, *, signer=None, plan=None, digest=None, site="clinic-a", phase=Phase.PREPARE):
+    run = CoordinatorRun(fed=fed, job="job-1", round=0)
+    return make_instruction(
+        signer=signer or run.identity,
+        job="job-1",
+        round=0,
+        phase=phase,
+        site=site,
+        plan=plan if plan is not None else run.plan,
+        plan_digest=digest or run.digest,
+        timeout_seconds=60,
+    )
+
+
+def test_site_init_keeps_secrets_at_the_site_and_signs_its_enrollment(fed, tmp_path):
+    site = load_site(tmp_path / "sites" / "clinic-a")
+    for key in (site.identity_path, site.kex_path, site.pseudonym_path):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    doc = json.loads((site.root / "enrollment.json").read_text())
+    assert set(doc) == {"v", "site", "kind", "public_key", "kex_key", "signature"}
+    assert doc["public_key"] == site.identity.public_key.hex()
+    # The coordinator's federation file holds the enrollment's public keys and no data path.
+    text = (tmp_path / "federation.toml").read_text()
+    assert doc["public_key"] in text and "a.csv" not in text
+    entry = site_entry_from_enrollment(site.root / "enrollment.json")
+    assert entry.public_key == doc["public_key"]
+    # A tampered enrollment (another key slipped in) is refused.
+    doc["kex_key"] = "00" * 32
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="not signed"):
+        read_enrollment(tmp_path / "bad.json")
+
+
+def test_site_prepares_on_a_valid_instruction(fed, tmp_path):
+    report = run_site_phase(instruction(fed), tmp_path / "sites" / "clinic-a")
+    assert report.status == Status.COMPLETED, report.reason
+    assert report.data["ckks_public"]["signer"] == "clinic-a"  # the key holder
+    assert set(report.data["ckks_sealed"]) == {"clinic-b"}
+    entries = Ledger(fed.ledger_url).events(job="job-1", action="preprocess")
+    assert [e["actor"] for e in entries] == ["clinic-a"]
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "forged signature",
+        "unknown digest",
+        "plan swapped under its digest",
+        "other purpose",
+        "addressed to another site",
+    ],
+)
+def test_site_refuses_before_reading_any_data(fed, tmp_path, attack):
+    site_root = tmp_path / "sites" / "clinic-a"
+    # The site's data is gone: any attempt to read it would fail, not refuse.
+    (tmp_path / "a.csv").unlink()
+    plan = CoordinatorRun(fed=fed, job="j", round=0).plan
+    if attack == "forged signature":
+        text = instruction(fed, signer=keys.generate("coordinator"))
+    elif attack == "unknown digest":
+        other = dict(plan, rounds=plan["rounds"] + 5)
+        from tasks.config import plan_digest
+
+        text = instruction(fed, plan=other, digest=plan_digest(other))
+    elif attack == "plan swapped under its digest":
+        text = instruction(fed, plan=dict(plan, learning_rate=9.0))
+    elif attack == "other purpose":
+        from tasks.config import plan_digest
+        from tasks.site import approve_plan
+
+        other = dict(plan, purpose="MARKETING")
+        approve_plan(load_site(site_root), other)  # even approved, the policy does not accept it
+        text = instruction(fed, plan=other, digest=plan_digest(other))
+    else:
+        text = instruction(fed, site="clinic-b")
+    report = run_site_phase(text, site_root)
+    assert report.status == Status.REFUSED
+    ledger = Ledger(fed.ledger_url)
+    (refusal,) = ledger.events(action="refuse_instruction")
+    assert refusal["actor"] == "clinic-a" and refusal["outcome"] == "refused"
+    assert refusal["details"]["reason"] == report.reason
+    assert not ledger.events(action="preprocess")
+
+
+def test_sealed_secret_opens_only_at_its_site(fed, tmp_path):
+    a = load_site(tmp_path / "sites" / "clinic-a")
+    b = load_site(tmp_path / "sites" / "clinic-b")
+    from tasks.enrollment import kex_public
+
+    blob = seal(
+        b"secret", recipient_kex=kex_public(b.kex_key), federation="ehr", recipient="clinic-b"
+    )
+    assert open_sealed(blob, kex=b.kex_key, federation="ehr", recipient="clinic-b") == b"secret"
+    with pytest.raises(IntegrityError):
+        open_sealed(blob, kex=a.kex_key, federation="ehr", recipient="clinic-b")
+    with pytest.raises(IntegrityError):
+        open_sealed(blob, kex=b.kex_key, federation="ehr", recipient="clinic-a")
+
+
+def test_nothing_under_the_coordinator_root_decrypts_or_signs_for_a_site(fed, tmp_path):
+    """After a whole job: try every file the coordinator holds as a CKKS context and as a
+    private key. None decrypts the aggregate; none is a site's key."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.training import federated_training
+
+    with prefect_test_harness(server_startup_timeout=120):
+        summaries = federated_training(
+            str(tmp_path / "federation.toml"), "job-x", str(tmp_path / "sites")
+        )
+    assert [s.status for s in summaries] == ["committed", "committed"]
+    aggregate = next((tmp_path / "artifacts").rglob("aggregate.ckks")).read_bytes()
+    site_keys = {s.public_key for s in fed.sites}
+    files = [p for p in fed.coordinator_root.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        try:
+            ctx = ts.context_from(data)
+        except Exception:
+            ctx = None
+        if ctx is not None:
+            assert not ctx.has_secret_key(), path
+            with pytest.raises(StepError):
+                decrypt_update(data, aggregate)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except Exception:
+            continue
+        assert keys.public_key_bytes(key).hex() not in site_keys, path
+    # The sites themselves can: the same aggregate decrypts with a site's secret context.
+    secret = (tmp_path / "sites" / "clinic-b" / "keys" / "ckks.secret").read_bytes()
+    assert np.isfinite(decrypt_update(secret, aggregate)).all()
