@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,24 +129,14 @@ def round_figures(config: Path) -> dict[str, float]:
 
 def distributed_figures(config: Path, in_process: float) -> dict[str, float]:
     """The same round through a real Prefect server and one process worker per site."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.deploy import deploy_site
-    from flows.local import prefect_server, worker
-    from tasks.site import load_site
+    from flows.local import local_federation
 
     fed = load_config(config)
-    home = config.parent / "prefect-home"
-    with prefect_server(home) as api, temporary_settings(updates={PREFECT_API_URL: api}):
-        for s in fed.sites:
-            deploy_site(load_site(config.parent / "sites" / s.name), f"medfed-{s.name}")
-        with ExitStack() as stack:
-            for s in fed.sites:
-                stack.enter_context(worker(f"medfed-{s.name}", api, home))
-            prepared_job(fed, "bench-workers", None)
-            start = time.perf_counter()
-            summary = federated_round(str(config), "bench-workers", 1, None)
-            distributed = time.perf_counter() - start
+    with local_federation(config):
+        prepared_job(fed, "bench-workers", None)
+        start = time.perf_counter()
+        summary = federated_round(str(config), "bench-workers", 1, None)
+        distributed = time.perf_counter() - start
     require_every_site_trained(summary, "distributed")
     return {
         "distributed_round_seconds": distributed,

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from tasks import WorkFailed
@@ -123,3 +123,25 @@ def worker(pool: str, api: str, home: Path, **env: str) -> Iterator[subprocess.P
     finally:
         _stop(proc)
         log.close()
+
+
+@contextmanager
+def local_federation(config: Path, **env: str) -> Iterator[str]:
+    """A Prefect server, each site of `config` deployed from its root beside the file
+    (`sites/<name>`) on its own work pool, and one worker process per site; this process
+    talks to that server while the block runs. Yields the API URL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deploy_site
+    from tasks.config import load_config
+    from tasks.site import load_site
+
+    fed = load_config(config)
+    home = Path(config).parent / "prefect-home"
+    with prefect_server(home) as api, temporary_settings(updates={PREFECT_API_URL: api}):
+        for s in fed.sites:
+            deploy_site(load_site(Path(config).parent / "sites" / s.name), f"medfed-{s.name}")
+        with ExitStack() as stack:
+            for s in fed.sites:
+                stack.enter_context(worker(f"medfed-{s.name}", api, home, **env))
+            yield api

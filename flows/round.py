@@ -260,7 +260,7 @@ def _row(site: str, trained: SiteOutcome, evaluated: SiteOutcome | None, note: s
         auc=e.get("auc", float("nan")),
         accuracy=e.get("accuracy", float("nan")),
         heldout=e.get("heldout", 0),
-        epsilon=float(t.get("epsilon", float("nan"))),
+        epsilon=float("nan") if t.get("epsilon") is None else float(t["epsilon"]),  # None: no DP
         bytes_uploaded=int(update.get("size", 0)),
         seconds=dict(t.get("seconds", {})) | dict(e.get("seconds", {})),
         note=note or trained.reason,

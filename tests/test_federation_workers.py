@@ -40,7 +40,11 @@ S3_ENV = {
 @pytest.fixture(scope="module")
 def s3_store(tmp_path_factory):
     """moto's S3 server on a loopback port, and a bucket in it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -88,6 +92,8 @@ def federation(tmp_path_factory, s3_store, pg_ledger):
         rounds=2,
         dp=True,
         local_epochs=2,
+        epsilon_budget=100.0,  # three jobs at epsilon 2 each on one ledger
+        site_budget=100.0,
         cohorts=next(iter(cohorts.values())).parent,
         ledger_url=pg_ledger,
         store=store,

@@ -134,14 +134,25 @@ def demo(
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 4,
     dp: Annotated[bool, typer.Option(help="Train with DP-SGD (--no-dp for the baseline).")] = True,
     job: Annotated[str | None, typer.Option(help="Job id (default: demo-<timestamp>).")] = None,
+    workers: Annotated[
+        bool,
+        typer.Option(
+            help="Run each site on its own Prefect worker process (a local Prefect server is "
+            "started and stopped), instead of as threads of this process."
+        ),
+    ] = False,
 ) -> None:
-    """Three synthetic DICOM hospitals, each its own site root, trained in this process."""
+    """Three synthetic DICOM hospitals, each its own site root, trained together."""
+    from contextlib import nullcontext
+
     from flows.demo import prepare_demo
+    from flows.local import local_federation
 
     config = prepare_demo(workdir, rounds=rounds, dp=dp)
     out.print(f"Federation: {config}")
     sites = workdir / "sites"
-    summaries = _run_training(config, job, sites)
+    with local_federation(config) if workers else nullcontext():
+        summaries = _run_training(config, job, None if workers else sites)
     _finish(
         summaries,
         f"sqlite:///{(workdir / 'ledger.db').resolve()}",
