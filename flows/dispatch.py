@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.site_flow import deployment_name
 from tasks import StepError
 from tasks.messages import Phase, SiteReport, Status, read_report
-from tasks.site_steps import run_site_phase
+from tasks.site_phase import run_site_phase
 
 log = logging.getLogger("medfed.dispatch")
 

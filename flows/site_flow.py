@@ -14,6 +14,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import site_steps
+from tasks.site_phase import run_site_phase
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 _STEPS = {
@@ -40,5 +41,5 @@ def deployment_name(site: str) -> str:
 
 @flow(name="site_round", persist_result=False, log_prints=False)
 def site_round(instruction: str, site_root: str) -> dict[str, str]:
-    report = site_steps.run_site_phase(instruction, site_root, call=as_task)
+    report = run_site_phase(instruction, site_root, call=as_task)
     return {"status": str(report.status)}

@@ -19,8 +19,10 @@ from torch import nn
 from ledger.entry import Action
 from tasks import StepError, ingest, models
 from tasks.config import FederationConfig
+from tasks.files import load_array
 from tasks.site import Site
-from tasks.site_steps import SiteRun, load_array, model_for, prepared_cache_path
+from tasks.site_run import SiteRun
+from tasks.site_steps import model_for, prepared_cache_path
 
 
 @dataclass(frozen=True, kw_only=True)

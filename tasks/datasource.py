@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tasks import StepError, ingest
+from tasks import StepError
 from tasks.config import SiteKind
+from tasks.prepared import PreparedDataset
 from tasks.site import DataSettings
 
 
@@ -27,7 +28,7 @@ class DataSource(Protocol):
 
     def prepare(
         self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
-    ) -> ingest.PreparedDataset: ...
+    ) -> PreparedDataset: ...
 
 
 def _digest_files(site: str, root: Path, extra: list[Path]) -> str:
@@ -60,7 +61,9 @@ class DicomSource:
 
     def prepare(
         self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
-    ) -> ingest.PreparedDataset:
+    ) -> PreparedDataset:
+        from tasks import ingest  # DICOM and MONAI load only when a site actually ingests
+
         return ingest.prepare_dicom_site(
             self.data.path,
             Path(self.data.labels),
@@ -89,7 +92,9 @@ class TabularSource:
 
     def prepare(
         self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
-    ) -> ingest.PreparedDataset:
+    ) -> PreparedDataset:
+        from tasks import ingest
+
         return ingest.prepare_tabular_site(
             self.data.path,
             label_column=self.data.labels,

@@ -2,7 +2,7 @@
 
 Down: an `Instruction` from the coordinator (job, round, phase, the plan and its digest, the
 global model and aggregate references, CKKS key references, a deadline), Ed25519-signed by the
-coordinator. A site checks it before touching data (`tasks.site_steps.check_instruction`).
+coordinator. A site checks it before touching data (`tasks.site_phase.check_instruction`).
 
 Up: a `SiteReport` (status, counts, metrics, signed artifact references: never a payload and
 never a site-private path), Ed25519-signed by the site and written to the artifact store at a

@@ -1,321 +1,34 @@
-"""What a site runs, at the site: check the instruction, then one phase of a round.
+"""The site's steps, each recorded in the ledger under the site's own key.
 
-`run_site_phase(instruction, site_root)` is the whole site side. It checks the coordinator's
-signature and the site's own policy BEFORE touching data (a refusal is a ledger entry), then
-runs the phase's steps, each recorded in the ledger under the site's own key, and writes one
-site-signed `SiteReport` to the artifact store. Steps hand each other small frozen references
-(paths into the site's own root, hashes); nothing private leaves the site: the report holds
-counts, metrics, hashes and signed artifact references only.
-
-Every step's ledger entry has the idempotency key `job/r<round>/<site>/<step>`, so a retried
-phase writes nothing twice; `train` finds its entry first and reuses the released update
-instead of training (and spending privacy budget) again.
+Steps hand each other small frozen references (paths into the site's own root, hashes). Every
+step's entry has the idempotency key `job/r<round>/<site>/<step>`, so a retried phase writes
+nothing twice; `train` finds its entry first and reuses the released update instead of
+training (and spending privacy budget) again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import logging
-import os
-import re
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ledger import LedgerError
 from ledger.entry import Action, Outcome
 from ledger.store import Ledger
-from tasks import IntegrityError, StepError, ingest, models, privacy, transport
-from tasks.config import DPConfig, FederationConfig, plan_digest, plan_from_dict
+from tasks import IntegrityError, StepError, models, prepared, privacy, transport
+from tasks.config import FederationConfig
 from tasks.datasource import source_for
 from tasks.enrollment import open_sealed, seal
-from tasks.messages import (
-    Instruction,
-    Phase,
-    SiteReport,
-    Status,
-    message_digest,
-    open_instruction,
-    parse_utc,
-    peek_instruction,
-    write_report,
-)
-from tasks.record import Recorder
+from tasks.files import atomic_write, load_array, model_hash, save_array, sha256_file
 from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
-from tasks.site import Site, load_site
+from tasks.site_run import COORDINATOR, SiteRun, step_log
 from tasks.strategy import FedAvg
 
-log = logging.getLogger("medfed.site")
-COORDINATOR = "coordinator"
-KEYS_JOB_SUFFIX = "keys"  # key material is per federation: job "<federation>/keys", round 0
-
-
-def step_log() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a task or flow (console and UI), else ours."""
-    try:
-        from prefect import get_run_logger
-        from prefect.exceptions import MissingContextError
-
-        try:
-            return get_run_logger()
-        except MissingContextError:
-            return log
-    except ImportError:  # pragma: no cover
-        return log
-
-
-# ---------------------------------------------------------------- files
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_array(path: Path, array: np.ndarray) -> str:
-    """Atomically write a float32 vector as .npy; return the sha256 of its file."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    data = buf.getvalue()
-    atomic_write(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def load_array(path: Path, *, sha256: str | None = None) -> np.ndarray:
-    data = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise IntegrityError(f"site-private file {path.name} does not match its recorded hash")
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def model_hash(params: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()
-
-
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"():,]+)+")
-
-
-def shareable(message: str) -> str:
-    """An error message fit to leave the site: paths (folder names are often patient IDs)
-    replaced by their last component's kind."""
-    return _PATH.sub("<path>", message)[:500]
-
-
-# ---------------------------------------------------------------- the run of one phase
-
-
-@dataclass(frozen=True, kw_only=True)
-class SiteRun:
-    """One phase at one site: the checked instruction, its plan, the site; loaded once."""
-
-    site: Site
-    instr: Instruction
-    fed: FederationConfig
-
-    @property
-    def job(self) -> str:
-        return self.instr.job
-
-    @property
-    def round(self) -> int:
-        return self.instr.round
-
-    @property
-    def name(self) -> str:
-        return self.site.name
-
-    @cached_property
-    def ledger(self) -> Ledger:
-        return Ledger(self.fed.ledger_url)
-
-    def recorder(self, round_number: int | None = None) -> Recorder:
-        return Recorder(
-            ledger=self.ledger,
-            signer=self.site.identity,
-            job=self.job,
-            round=self.round if round_number is None else round_number,
-            purpose=self.fed.purpose,
-            legal_basis=self.fed.legal_basis,
-            site=self.name,
-        )
-
-    @cached_property
-    def dp(self) -> DPConfig:
-        """The federation's DP settings under the site's own policy: the stricter budget and
-        delta win."""
-        own = self.site.settings.privacy
-        return self.fed.dp.model_copy(
-            update={
-                "epsilon_budget": min(own.epsilon_budget, self.fed.dp.epsilon_budget),
-                "delta": min(own.delta, self.fed.dp.delta),
-            }
-        )
-
-    def work(self) -> Path:
-        return self.site.work(self.job, self.round)
-
-    @property
-    def coordinator_key(self) -> bytes:
-        return bytes.fromhex(self.site.settings.accepts.coordinator_key)
-
-    def site_key(self, name: str) -> bytes:
-        return bytes.fromhex(self.fed.site(name).public_key)
-
-
-class Refused(StepError):
-    """The instruction fails a check: the site refuses it before reading any data."""
-
-    exit_code = 1
-
-
-def check_instruction(site: Site, text: str, *, now: datetime | None = None) -> SiteRun:
-    """Signature, plan digest, approval and policy; raise `Refused` naming what failed."""
-    acc = site.settings.accepts
-    try:
-        instr = open_instruction(text, coordinator_key=bytes.fromhex(acc.coordinator_key))
-    except IntegrityError as exc:
-        raise Refused(f"the instruction's signature does not verify ({exc})") from exc
-    if instr.site != site.name:
-        raise Refused(f"the instruction is addressed to site '{instr.site}', not this site")
-    if plan_digest(instr.plan) != instr.plan_digest:
-        raise Refused("the instruction's plan does not match its federation digest")
-    if site.approved(instr.plan_digest) is None:
-        raise Refused(
-            f"unknown federation digest {instr.plan_digest[:16]}: this site has not approved "
-            "that training plan ('medfed site approve')"
-        )
-    try:
-        fed = plan_from_dict(instr.plan)
-    except StepError as exc:
-        raise Refused(f"the training plan is invalid: {exc}") from exc
-    if fed.name != acc.federation:
-        raise Refused(f"the site accepts federation '{acc.federation}', not '{fed.name}'")
-    if fed.model.kind not in acc.model_kinds:
-        raise Refused(f"the site does not accept model kind '{fed.model.kind}'")
-    if fed.purpose not in acc.purposes:
-        raise Refused(f"the site does not accept purpose of use '{fed.purpose}'")
-    me = next((s for s in fed.sites if s.name == site.name), None)
-    if me is None or me.public_key != site.identity.public_key.hex():
-        raise Refused("the plan does not list this site with its own public key")
-    if me.kind != site.settings.kind:
-        raise Refused(f"the plan lists this site as '{me.kind}', it is '{site.settings.kind}'")
-    if parse_utc(instr.deadline) < (now or datetime.now(UTC)):
-        raise Refused(f"the instruction's deadline {instr.deadline} has passed")
-    return SiteRun(site=site, instr=instr, fed=fed)
-
-
-def record_refusal(site: Site, text: str, reason: str) -> SiteReport:
-    """Record a refused instruction in the ledger of the plan it claims, if the site approved
-    that plan, else of the plan it approved last; the refusal names no data."""
-    claimed = peek_instruction(text)
-    plan = site.approved(str(claimed.get("plan_digest", ""))) or site.latest_approved()
-    job = str(claimed.get("job") or "unknown")
-    round_number = claimed.get("round") if isinstance(claimed.get("round"), int) else 0
-    phase = claimed.get("phase") if claimed.get("phase") in set(Phase) else Phase.PREPARE
-    report = SiteReport(
-        job=job,
-        round=round_number,
-        phase=Phase(phase),
-        site=site.name,
-        status=Status.REFUSED,
-        instruction=message_digest(text),
-        reason=reason,
-        data={"refused": "instruction"},
-    )
-    step_log().warning("site %s refused an instruction: %s", site.name, reason)
-    if plan is None:
-        return report
-    fed = plan_from_dict(plan)
-    Recorder(
-        ledger=Ledger(fed.ledger_url),
-        signer=site.identity,
-        job=job,
-        round=round_number,
-        purpose=fed.purpose,
-        legal_basis=fed.legal_basis,
-        site=site.name,
-    ).record(
-        Action.REFUSE_INSTRUCTION,
-        outcome=Outcome.REFUSED,
-        key=f"{job}/r{round_number}/{site.name}/{phase}/refused-{report.instruction[:16]}",
-        inputs={"instruction": report.instruction},
-        details={"phase": str(phase), "reason": reason},
-    )
-    if claimed.get("job"):
-        write_report(fed.artifact_store, report, site.identity)
-    return report
-
-
-# A step runner: calls a step directly, or as a Prefect task (the site_round flow).
-Call = Callable[..., Any]
-
-
-def direct(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
-def run_site_phase(instruction: str, site_root: str | Path, *, call: Call = direct) -> SiteReport:
-    """The whole site side of one phase: check, run, report (signed, to the store)."""
-    site = load_site(Path(site_root))
-    try:
-        run = check_instruction(site, instruction)
-    except Refused as exc:
-        return record_refusal(site, instruction, str(exc))
-    phases = {
-        Phase.PREPARE: prepare_phase,
-        Phase.TRAIN: train_phase,
-        Phase.EVALUATE: evaluate_phase,
-    }
-    try:
-        status, reason, data = phases[run.instr.phase](run, call)
-    except (StepError, LedgerError) as exc:
-        _report(run, instruction, Status.FAILED, shareable(str(exc)), {})
-        raise
-    except Exception as exc:
-        _report(run, instruction, Status.FAILED, f"internal error ({type(exc).__name__})", {})
-        raise
-    return _report(run, instruction, status, reason, data)
-
-
-def _report(
-    run: SiteRun, instruction: str, status: Status, reason: str, data: dict[str, Any]
-) -> SiteReport:
-    report = SiteReport(
-        job=run.job,
-        round=run.round,
-        phase=run.instr.phase,
-        site=run.name,
-        status=status,
-        instruction=message_digest(instruction),
-        reason=reason,
-        data=data,
-    )
-    write_report(run.fed.artifact_store, report, run.site.identity)
-    return report
+KEYS_JOB_SUFFIX = "keys"  # key material is per federation: job "<federation>-keys", round 0
 
 
 # ---------------------------------------------------------------- references between steps
@@ -354,61 +67,6 @@ class FileRef:
     norm: float = float("nan")
 
 
-# ---------------------------------------------------------------- phases
-
-
-def prepare_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
-    """Everything checkable before anyone trains: the store, the ledger, the data, the keys."""
-    transport.check_writable(run.fed.artifact_store)
-    run.ledger.size()  # reachable (and tables exist) before any data is read
-    data = call(preprocess, run)
-    out: dict[str, Any] = {
-        "patients_train": data.patients_train,
-        "samples_train": data.n_train,
-        "dataset": data.fingerprint,
-    }
-    if run.name == run.fed.keyholder:
-        out |= call(publish_keys, run)
-    return Status.COMPLETED, "", out
-
-
-def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
-    data = call(preprocess, run)
-    trained = call(train, run, data)
-    if not trained.trained:
-        return (
-            Status.REFUSED,
-            trained.reason,
-            {"refused": "budget", "epsilon": trained.epsilon, "samples": trained.n_samples},
-        )
-    update = call(clip_and_noise, run, trained)
-    cipher = call(encrypt, run, update)
-    ref, seconds = call(upload, run, cipher)
-    return (
-        Status.COMPLETED,
-        "",
-        {
-            "update": ref.model_dump(mode="json"),
-            "samples": trained.n_samples,
-            "epsilon": trained.epsilon,
-            "base_model": trained.base_model,
-            "seconds": {
-                "preprocess": data.seconds,
-                "train": trained.seconds,
-                "clip": update.seconds,
-                "encrypt": cipher.seconds,
-                "upload": seconds,
-            },
-        },
-    )
-
-
-def evaluate_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
-    data = call(preprocess, run)
-    result = call(evaluate, run, data)
-    return Status.COMPLETED, "", result
-
-
 # ---------------------------------------------------------------- steps
 
 
@@ -434,7 +92,7 @@ def preprocess(run: SiteRun) -> DatasetRef:
     cache = prepared_cache_path(run)
     cached = cache.exists()
     if cached:
-        ds = ingest.load_prepared(cache)
+        ds = prepared.load_prepared(cache)
     else:
         ds = source_for(run.name, cfg.kind, cfg.data).prepare(
             secret=run.site.pseudonym_secret(),
@@ -442,7 +100,7 @@ def preprocess(run: SiteRun) -> DatasetRef:
             holdout_fraction=run.fed.holdout_fraction,
             seed=run.fed.seed,
         )
-        ingest.save_prepared(ds, cache)
+        prepared.save_prepared(ds, cache)
     unit = "images" if cfg.kind == "dicom" else "rows"
     step_log().info(
         "site %s: %s %d training and %d held-out %s (%d + %d patients)",
@@ -781,7 +439,7 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
         if noise is not None
         else " without DP",
     )
-    ds = ingest.load_prepared(data.path)
+    ds = prepared.load_prepared(data.path)
     model = models.load_flat(model_for(fed, data.features), base)
     outcome = train_local(
         model,
@@ -987,7 +645,7 @@ def evaluate(run: SiteRun, data: DatasetRef) -> dict[str, Any]:
     new_global = FedAvg().apply(base, mean_update)
     save_array(run.site.global_model(run.job, run.round), new_global)
     version = model_hash(new_global)
-    ds = ingest.load_prepared(data.path)
+    ds = prepared.load_prepared(data.path)
     model = models.load_flat(model_for(run.fed, data.features), new_global)
     m = metrics(predict(model, ds.x_test), ds.y_test)
     run.recorder().record(

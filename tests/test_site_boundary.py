@@ -22,7 +22,7 @@ from tasks.enrollment import open_sealed, read_enrollment, seal
 from tasks.messages import Phase, Status, make_instruction
 from tasks.secure_agg import decrypt_update
 from tasks.site import load_site
-from tasks.site_steps import run_site_phase
+from tasks.site_phase import run_site_phase
 from tasks.synthetic import write_tabular_cohort
 
 
