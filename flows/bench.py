@@ -77,7 +77,7 @@ BENCH_JOBS = 4
 BENCH_EPSILON_BUDGET = 2.0 * BENCH_JOBS + 1.0
 # Local epochs of the timed rounds: sized so that an in-process round takes about a minute
 # here, like real work, against which a worker's fixed cost per phase is measured.
-BENCH_LOCAL_EPOCHS = 300
+BENCH_LOCAL_EPOCHS = 1100
 
 
 def require_every_site_trained(summary: RoundSummary, what: str) -> None:

@@ -9,6 +9,7 @@ the same signed report in the artifact store, so the boundary is checked either 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections.abc import Mapping
@@ -216,8 +217,12 @@ class WorkerDispatcher:
                 call.timeout,
                 f"{call.job}-r{call.round}-{site}-{call.phase}",
             )
+            # Outside a flow (the benchmark), Prefect's settings (the API URL) live in context
+            # variables: each thread runs in a copy of this one's.
             futures[site] = (
-                dispatch_task.submit(*args) if in_flow else pool.submit(dispatch_task.fn, *args)
+                dispatch_task.submit(*args)
+                if in_flow
+                else pool.submit(contextvars.copy_context().run, dispatch_task.fn, *args)
             )
         pool.shutdown(wait=False)
         for site, future in futures.items():
@@ -225,5 +230,7 @@ class WorkerDispatcher:
                 finished = bool(future.result())
                 results[site] = classify(call, site, finished=finished)
             except Exception as exc:  # e.g. the site never deployed site_round
-                results[site] = classify(call, site, finished=True, error=str(exc)[:300])
+                results[site] = classify(
+                    call, site, finished=True, error=f"{type(exc).__name__}: {exc}"[:300]
+                )
         return results

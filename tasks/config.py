@@ -116,7 +116,7 @@ class CKKSConfig(_Strict):
 class FederationConfig(_Strict):
     name: Slug = "federation"
     rounds: int = Field(default=3, ge=1, le=1000)
-    local_epochs: int = Field(default=1, ge=1, le=100)
+    local_epochs: int = Field(default=1, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=65536)
     learning_rate: float = Field(default=0.1, gt=0, le=10)
     holdout_fraction: float = Field(default=0.25, gt=0, lt=1)

@@ -41,7 +41,8 @@ def _digest_files(site: str, root: Path, extra: list[Path]) -> str:
             h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
             h.update(hashlib.sha256(p.read_bytes()).digest())
         except (OSError, ValueError) as exc:
-            raise StepError(f"site {site}: a data file cannot be read ({p.name})") from exc
+            # No file name: folder and file names at hospitals often carry patient IDs.
+            raise StepError(f"site {site}: one of its data files cannot be read") from exc
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ site: the report holds counts, metrics, hashes and signed artifact references on
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -158,11 +159,13 @@ def run_site_phase(instruction: str, site_root: str | Path, *, call: Call = dire
     }
     try:
         status, reason, data = phases[run.instr.phase](run, call)
-    except (StepError, LedgerError) as exc:
-        _report(run, instruction, Status.FAILED, shareable(str(exc)), {})
-        raise
     except Exception as exc:
-        _report(run, instruction, Status.FAILED, f"internal error ({type(exc).__name__})", {})
+        known = isinstance(exc, StepError | LedgerError)
+        reason = shareable(str(exc)) if known else f"internal error ({type(exc).__name__})"
+        # Tell the coordinator why, if the store takes it (it may be what failed); the
+        # original error is what the site's run ends with.
+        with contextlib.suppress(StepError):
+            _report(run, instruction, Status.FAILED, reason, {})
         raise
     return _report(run, instruction, status, reason, data)
 
@@ -204,6 +207,9 @@ def prepare_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]
 
 def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
     data = call(preprocess, run)
+    if parse_utc(run.instr.deadline) < datetime.now(UTC):
+        # The coordinator has dropped this site by now: spending budget would buy nothing.
+        return Status.REFUSED, "the deadline passed before training began", {"refused": "deadline"}
     trained = call(train, run, data)
     if not trained.trained:
         return (
