@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from flows.demo import prepare_demo
-from flows.local import free_port, kill_tree, prefect_server, worker
+from flows.local import free_port, kill_tree, prefect_server, threads_per_site, worker
 from ledger.store import Ledger
 from ledger.verify import verify_ledger
 from tasks.config import load_config
@@ -87,6 +87,7 @@ def federation(tmp_path_factory, s3_store, pg_ledger):
     root = tmp_path_factory.mktemp("fed")
     cohorts = ensure_demo_cohorts(tmp_path_factory.mktemp("cohorts"), seed=7)
     store, env = s3_store
+    env = env | threads_per_site(len(SITES))
     config = prepare_demo(
         root,
         rounds=2,
