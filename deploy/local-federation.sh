@@ -27,7 +27,15 @@ export PREFECT_LOGGING_LEVEL=WARNING
 THREADS=$(( $(nproc) / 3 )); [ "$THREADS" -ge 1 ] || THREADS=1
 PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done
+  # Workers first (newest first), then the server they talk to; whatever has not exited after
+  # a grace period is killed (a worker whose server is gone retries instead of exiting).
+  local i pid
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${PIDS[i]}
+    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -35,7 +43,7 @@ trap cleanup EXIT
 PORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$W/prefect-server.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); disown "$!"
 for _ in $(seq 1 120); do
   curl -fs "$PREFECT_API_URL/health" >/dev/null 2>&1 && break
   sleep 1
@@ -90,7 +98,7 @@ for s in "${SITES[@]}"; do
   OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS \
     setsid "$BIN/prefect" worker start --pool "medfed-$s" --type process \
     >"$W/worker-$s.log" 2>&1 &
-  PIDS+=($!)
+  PIDS+=($!); disown "$!"
 done
 echo "workers: ${SITES[*]}"
 
