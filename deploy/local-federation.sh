@@ -95,7 +95,8 @@ for s in "${SITES[@]}"; do "$BIN/medfed" register "$FED" "$W/sites/$s/enrollment
 for s in "${SITES[@]}"; do
   "$BIN/medfed" site approve "$W/sites/$s" "$W/plan.json" >/dev/null
   "$BIN/medfed" site deploy "$W/sites/$s" >/dev/null
-  OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS \
+  MEDFED_SITE_ROOT="$W/sites/$s" \
+    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS \
     setsid "$BIN/prefect" worker start --pool "medfed-$s" --type process \
     >"$W/worker-$s.log" 2>&1 &
   PIDS+=($!); disown "$!"

@@ -1,5 +1,5 @@
-"""A site's Prefect deployment: its own process work pool, and `site_round/<site>` on it with
-the site root as a default parameter, so the coordinator never learns the site's paths."""
+"""A site's Prefect deployment: its own process work pool, and `site_round/<site>` on it. The
+site root is not a parameter: the site's worker runs with MEDFED_SITE_ROOT in its environment."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ def deploy_site(site: Site, pool: str) -> str:
     ensure_work_pool(pool)
     deployment = site_round.to_deployment(
         name=site.name,
-        parameters={"site_root": str(site.root)},
         work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=f"medfed site {site.name}: runs one phase of a round on this site's data",

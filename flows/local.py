@@ -152,5 +152,8 @@ def local_federation(config: Path, **env: str) -> Iterator[str]:
             deploy_site(load_site(Path(config).parent / "sites" / s.name), f"medfed-{s.name}")
         with ExitStack() as stack:
             for s in fed.sites:
-                stack.enter_context(worker(f"medfed-{s.name}", api, home, **env))
+                root = str((Path(config).parent / "sites" / s.name).resolve())
+                stack.enter_context(
+                    worker(f"medfed-{s.name}", api, home, **env, MEDFED_SITE_ROOT=root)
+                )
             yield api

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -110,7 +111,7 @@ def federation(tmp_path_factory, s3_store, pg_ledger):
             for s in SITES:
                 deploy_site(load_site(root / "sites" / s), f"medfed-{s}")
         workers = {}
-        contexts = {s: worker(f"medfed-{s}", api, home, **env) for s in SITES}
+        contexts = {s: site_worker(root, api, home, env, s) for s in SITES}
         try:
             for s, ctx in contexts.items():
                 workers[s] = ctx.__enter__()
@@ -126,6 +127,11 @@ def federation(tmp_path_factory, s3_store, pg_ledger):
         finally:
             for ctx in contexts.values():
                 ctx.__exit__(None, None, None)
+
+
+def site_worker(root: Path, api: str, home: Path, env: dict, site: str):
+    """The site's worker: its own pool, its own root in its environment."""
+    return worker(f"medfed-{site}", api, home, **env, MEDFED_SITE_ROOT=str(root / "sites" / site))
 
 
 def coordinator(fed: dict, *args: str) -> subprocess.Popen:
@@ -173,7 +179,7 @@ def kill_when_running(fed: dict, run_name: str, timeout: float = 300) -> threadi
 
 def restart_victim(fed: dict) -> None:
     fed["contexts"][VICTIM].__exit__(None, None, None)
-    ctx = worker(f"medfed-{VICTIM}", fed["api"], fed["home"], **fed["env"])
+    ctx = site_worker(fed["root"], fed["api"], fed["home"], fed["env"], VICTIM)
     fed["workers"][VICTIM] = ctx.__enter__()
     fed["contexts"][VICTIM] = ctx
 
@@ -209,6 +215,10 @@ def test_killed_site_is_dropped_and_a_failed_round_retries_only_that_site(federa
         ):
             assert e["actor"] == e["site"]
     verify_ledger(ledger.url)
+    # No site path reaches the Prefect API: the site root is in the worker's environment.
+    (run,) = flow_runs_named(fed["api"], "job-a-r1-lakeside-train")
+    assert set(run.parameters) == {"instruction"}
+    assert str(fed["root"]) not in str(run.parameters)
 
     # 2. A round that fails (min_sites 3, the victim's worker killed mid-train) is retried:
     #    completed sites are reused, only the victim is scheduled again, nothing charged twice.

@@ -104,7 +104,7 @@ def site_deploy(
     pool: Annotated[str | None, typer.Option(help="Work pool (default: medfed-<site>).")] = None,
 ) -> None:
     """Create the site's process work pool and its `site_round/<site>` deployment on the
-    Prefect server in PREFECT_API_URL; then start the worker: prefect worker start --pool POOL."""
+    Prefect server in PREFECT_API_URL; then start the worker with MEDFED_SITE_ROOT=SITE_ROOT."""
     from flows.deploy import deploy_site
     from tasks.site import load_site
 
@@ -112,7 +112,9 @@ def site_deploy(
         raise Failure("set PREFECT_API_URL to the federation's Prefect server", 2)
     site = load_site(root)
     name = deploy_site(site, pool or f"medfed-{site.name}")
-    out.print(f"deployed {name} on work pool {pool or f'medfed-{site.name}'}")
+    pool = pool or f"medfed-{site.name}"
+    out.print(f"deployed {name} on work pool {pool}; start the site's worker with:")
+    out.print(f"  MEDFED_SITE_ROOT={site.root} prefect worker start --pool {pool} --type process")
 
 
 def coordinator_commands(app: typer.Typer) -> None:
