@@ -19,7 +19,7 @@ from tasks import WorkFailed, transport
 from tasks.config import ConfigError, FederationConfig, SiteEntry, plan_digest
 from tasks.enrollment import read_enrollment
 from tasks.keyring import COORDINATOR, CoordinatorPaths, coordinator_identity, log_identity
-from tasks.messages import SiteReport, ref_of
+from tasks.messages import SiteReport, keys_job, ref_of
 from tasks.record import Recorder, step_key
 from tasks.secure_agg import SharedKeyCKKS
 from tasks.strategy import FedAvg
@@ -151,7 +151,7 @@ def public_ckks(run: CoordinatorRun, prepared: Mapping[str, Any]) -> bytes:
     data = transport.fetch(
         ref,
         public_key=run.site_key(holder),
-        job=f"{run.fed.name}-keys",
+        job=keys_job(run.fed.name),
         round=0,
         kind="ckks_public",
         site=holder,

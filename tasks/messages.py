@@ -172,6 +172,11 @@ def open_instruction(text: str, *, coordinator_key: bytes) -> Instruction:
         ) from exc
 
 
+def keys_job(federation: str) -> str:
+    """Key material is per federation, not per job: its references use job "<name>-keys"."""
+    return f"{federation}-keys"
+
+
 def report_key(job: str, round: int, site: str, phase: Phase) -> str:
     return f"{job}/r{round:04d}/{site}.{phase}.report.json"
 

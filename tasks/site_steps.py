@@ -24,12 +24,10 @@ from tasks.config import FederationConfig
 from tasks.datasource import source_for
 from tasks.enrollment import open_sealed, seal
 from tasks.files import atomic_write, load_array, model_hash, save_array, sha256_file
+from tasks.messages import keys_job
 from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
 from tasks.site_run import COORDINATOR, SiteRun, step_log
 from tasks.strategy import FedAvg
-
-KEYS_JOB_SUFFIX = "keys"  # key material is per federation: job "<federation>-keys", round 0
-
 
 # ---------------------------------------------------------------- references between steps
 
@@ -150,10 +148,6 @@ def preprocess(run: SiteRun) -> DatasetRef:
 # ---- CKKS key material
 
 
-def keys_job(fed: FederationConfig) -> str:
-    return f"{fed.name}-{KEYS_JOB_SUFFIX}"
-
-
 def ckks_params(fed: FederationConfig) -> dict[str, Any]:
     return {
         "poly_modulus_degree": fed.ckks.poly_modulus_degree,
@@ -181,7 +175,7 @@ def publish_keys(run: SiteRun) -> dict[str, Any]:
         secret = create_secret_context(**ckks_params(fed))
         ledger_keys.write_secret(site.ckks_secret_path, secret)
         ledger_keys.write_secret(params_file, params.encode())
-    job = keys_job(fed)
+    job = keys_job(fed.name)
     public = transport.publish(
         fed.artifact_store,
         f"{job}/ckks.public",
@@ -223,7 +217,7 @@ def public_ckks(run: SiteRun) -> bytes:
     return transport.fetch(
         ref,
         public_key=run.site_key(run.fed.keyholder),
-        job=keys_job(run.fed),
+        job=keys_job(run.fed.name),
         round=0,
         kind="ckks_public",
         site=run.fed.keyholder,
@@ -241,7 +235,7 @@ def secret_ckks(run: SiteRun) -> bytes:
     blob = transport.fetch(
         ref,
         public_key=run.site_key(run.fed.keyholder),
-        job=keys_job(run.fed),
+        job=keys_job(run.fed.name),
         round=0,
         kind="ckks_secret_sealed",
         site=site.name,
