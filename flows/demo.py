@@ -18,7 +18,12 @@ from tasks.coordinator_steps import (
     site_entry_from_enrollment,
     site_entry_toml,
 )
-from tasks.keyring import CoordinatorPaths, coordinator_identity
+from tasks.keyring import (
+    CoordinatorPaths,
+    coordinator_identity,
+    identities_toml,
+    with_identities,
+)
 from tasks.site import (
     ENROLLMENT_FILE,
     SITE_FILE,
@@ -121,14 +126,18 @@ def demo_site(root: Path, name: str, data: Path, *, coordinator_key: str, budget
 def assemble_federation(
     config: Path, header: str, sites: list[Site], *, register: bool = True
 ) -> FederationConfig:
-    """Write header + one [[sites]] block per enrollment; register each on the ledger; have
-    every site approve the plan. Returns the loaded federation."""
+    """Write header + one [[sites]] block per enrollment + the coordinator's [identities];
+    register each site on the ledger; have every site approve the plan. Returns the loaded
+    federation."""
     entries = [site_entry_from_enrollment(s.root / ENROLLMENT_FILE) for s in sites]
-    config.write_text(header + "".join(site_entry_toml(e) for e in entries), encoding="utf-8")
+    text = header + "".join(site_entry_toml(e) for e in entries)
+    config.write_text(text, encoding="utf-8")
+    paths = CoordinatorPaths(root=load_config(config).coordinator_root)
+    config.write_text(with_identities(text, identities_toml(paths)), encoding="utf-8")
     fed = load_config(config)
     if register:
-        identity = coordinator_identity(CoordinatorPaths(root=fed.coordinator_root))
-        ledger = Ledger(fed.ledger_url)
+        identity = coordinator_identity(paths)
+        ledger = Ledger(fed.ledger_url, roster=fed.roster())
         for e in entries:
             record_enrollment(ledger, identity, e, fed.name)
     plan = fed.plan()

@@ -104,6 +104,8 @@ def classify(call: PhaseCall, site: str, *, finished: bool, error: str = "") -> 
 def reusable(call: PhaseCall, site: str) -> SiteOutcome | None:
     """A site that already completed this phase (an earlier attempt of the round) is reused,
     not asked again."""
+    if call.phase == Phase.WITNESS:
+        return None  # a newer checkpoint may need cosigning; cosigning again is harmless
     report = signed_report(call, site)
     if report is None or report.status != Status.COMPLETED:
         return None

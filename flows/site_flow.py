@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import StepError, site_steps
+from tasks import StepError, site_steps, witness
 from tasks.site_phase import run_site_phase
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -29,6 +29,7 @@ _STEPS = {
         site_steps.encrypt,
         site_steps.upload,
         site_steps.evaluate,
+        witness.cosign,
     )
 }
 

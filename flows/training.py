@@ -17,7 +17,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.dispatch import Outcome
-from flows.round import RoundSummary, dispatcher_for, federated_round, phase_call, record_drops
+from flows.round import (
+    RoundSummary,
+    dispatcher_for,
+    federated_round,
+    phase_call,
+    record_drops,
+    witness,
+)
 from ledger.entry import Action
 from tasks import WorkFailed
 from tasks.config import ConfigError, FederationConfig, load_config
@@ -151,4 +158,5 @@ def federated_training(
         details={"status": status, "rounds_run": [s.round for s in summaries]},
     )
     checkpoint(run)
+    witness(run, dispatcher_for(sites_dir), state["active"], logger)
     return summaries

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 from ledger import LedgerError, VerificationError, merkle, note
@@ -82,9 +83,15 @@ def proof_bytes(size: int, index: int) -> int:
     return merkle.HASH_SIZE * (inner + border)
 
 
+_SEQ = re.compile(r"[0-9]{1,30}")
+MAX_SEQ = 2**63 - 1  # the largest seq a database column holds
+
+
 def _resolve(ledger: Ledger, entry: str | int) -> int:
-    if isinstance(entry, int) or (isinstance(entry, str) and entry.isdigit()):
+    if isinstance(entry, int) or _SEQ.fullmatch(entry):
         seq = int(entry)
+        if not 0 <= seq <= MAX_SEQ:
+            raise UnreadableError(f"entry number {entry} is out of range (0..{MAX_SEQ})")
         if ledger.entry(seq) is None:
             raise UnreadableError(f"there is no entry {seq}")
         return seq

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from ledger import LedgerError
@@ -24,14 +25,37 @@ PURPOSES = {
 
 
 def _bodies(ledger: Ledger) -> Iterator[dict[str, Any]]:
-    for row in ledger.raw_rows():
-        body = json.loads(row[1])
-        body["entry_hash"] = row[2]
-        yield body
+    """Every entry the ledger's roster admits (all of them when it has none)."""
+    return ledger.screened()
 
 
-def _in_window(body: dict, since: str | None, until: str | None) -> bool:
-    recorded = body.get("recorded", "")
+def parse_when(text: str, *, what: str = "date") -> datetime:
+    """An ISO 8601 date or date-time; one without a time zone is UTC. Bad input raises
+    LedgerError naming the option (exit 2)."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except (ValueError, AttributeError):
+        raise LedgerError(
+            f"{what} {text!r} is not an ISO 8601 date or date-time (e.g. 2026-12-01 or "
+            "2026-12-01T08:00:00+01:00)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    return (
+        parse_when(since, what="--since") if since is not None else None,
+        parse_when(until, what="--until") if until is not None else None,
+    )
+
+
+def _in_window(body: dict, since: datetime | None, until: datetime | None) -> bool:
+    if since is None and until is None:
+        return True
+    try:
+        recorded = parse_when(str(body.get("recorded", "")))
+    except LedgerError:
+        return False  # a time nobody can place is in no window
     return (since is None or recorded >= since) and (until is None or recorded < until)
 
 
@@ -49,6 +73,7 @@ def events(
     until: str | None = None,
 ) -> list[dict[str, Any]]:
     """Who did what, when, to which entity (hash prefix), for which purpose."""
+    window = _window(since, until)
     out = []
     for b in _bodies(ledger):
         if actor and b.get("actor") != actor or action and b.get("action") != action:
@@ -57,7 +82,7 @@ def events(
             continue
         if round is not None and b.get("round") != round:
             continue
-        if purpose and b.get("purpose") != purpose or not _in_window(b, since, until):
+        if purpose and b.get("purpose") != purpose or not _in_window(b, *window):
             continue
         hashes = {**b.get("inputs", {}), **b.get("outputs", {})}
         if entity and not any(h.startswith(entity.lower()) for h in hashes.values()):
@@ -323,9 +348,10 @@ def disclosures(
 ) -> list[dict[str, Any]]:
     """What left each site, to whom, and why: uploads of (encrypted, DP) model updates, shared
     evaluation metrics, and any entry naming a recipient."""
+    window = _window(since, until)
     out = []
     for b in _bodies(ledger):
-        if site and b.get("site") != site or not _in_window(b, since, until):
+        if site and b.get("site") != site or not _in_window(b, *window):
             continue
         action = b.get("action")
         d = b.get("details", {})

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
+
+# Idempotency keys are unique per actor: an entry another actor wrote under the same key
+# (an unenrolled one, say) must not block or stand in for the actor's own step.
+ACTOR_KEY_INDEX = "ux_ledger_entry_actor_key"
 
 
 class EntryRow(SQLModel, table=True):
     __tablename__ = "ledger_entry"
+    __table_args__ = (Index(ACTOR_KEY_INDEX, "actor", "idempotency_key", unique=True),)
 
     seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    idempotency_key: str = Field(unique=True, index=True)
+    idempotency_key: str = Field(index=True)
     actor: str = Field(index=True)
     action: str = Field(index=True)
     job: str = Field(index=True)
@@ -41,6 +47,18 @@ class CheckpointRow(SQLModel, table=True):
     note: str  # C2SP signed note
     recorded: str
     consistency_proof: str = "[]"  # JSON list of hex hashes, from the previous checkpoint
+
+
+class CosignatureRow(SQLModel, table=True):
+    """Witnesses' C2SP cosignatures of stored checkpoints. A cosignature signs a checkpoint,
+    not the log, so adding one changes neither the entries nor the checkpoint it covers."""
+
+    __tablename__ = "ledger_cosignature"
+
+    size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    witness: str = Field(primary_key=True)
+    line: str  # the note signature line: em dash, name, base64(key id || time || signature)
+    recorded: str
 
 
 class LogRow(SQLModel, table=True):

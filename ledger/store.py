@@ -10,12 +10,16 @@ idempotency keys of a batch, one multi-row insert.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     Connection,
@@ -30,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 from sqlmodel import SQLModel
 
 from ledger import LedgerError, VerificationError, merkle, note
@@ -46,7 +50,17 @@ from ledger.entry import (
     unb64,
     utc_now,
 )
-from ledger.schema import INDEXED_FIELDS, ActorRow, CheckpointRow, EntryRow, LogRow, PayloadRow
+from ledger.identities import Judgement, Roster
+from ledger.schema import (
+    ACTOR_KEY_INDEX,
+    INDEXED_FIELDS,
+    ActorRow,
+    CheckpointRow,
+    CosignatureRow,
+    EntryRow,
+    LogRow,
+    PayloadRow,
+)
 
 # Any constant works; it only has to be the same for every medfed process.
 _PG_APPEND_LOCK = 0x6D656466  # "medf"
@@ -57,7 +71,11 @@ A = ActorRow.__table__
 C = CheckpointRow.__table__
 L = LogRow.__table__
 P = PayloadRow.__table__
-_TABLES = [E, A, C, L, P]
+W = CosignatureRow.__table__
+_TABLES = [E, A, C, L, P, W]
+# What a database must hold to be read as a ledger (cosignatures came later: optional).
+_REQUIRED = {t.name for t in (E, A, C, L, P)}
+log = logging.getLogger("medfed.ledger")
 _RAW_COLUMNS = ", ".join(("seq", "body", "entry_hash", "signature", *INDEXED_FIELDS))
 
 
@@ -85,19 +103,72 @@ def sqlite_path(url: str) -> Path | None:
         return None
     try:
         database = make_url(url).database
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         raise UnreadableError(f"ledger URL {url!r} is not a valid URL") from exc
     if not database or database == ":memory:":
         return None
     return Path(database)
 
 
-def open_ledger(url: str) -> Ledger:
-    """Open an EXISTING ledger for reading; never creates a SQLite file."""
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise UnreadableError(f"ledger file {path} does not exist")
-    return Ledger(url)
+def open_ledger(url: str, *, write: bool = False, roster: Roster | None = None) -> Ledger:
+    """An EXISTING ledger. Readers (verify, queries, proofs) get a read-only connection that
+    never creates a file, a table or a row; `write` is for commands that append to a ledger
+    that must already exist (erase, a checkpoint on demand). A database without the ledger's
+    tables is unreadable, not an empty ledger."""
+    engine = _readonly_engine(url)
+    try:
+        tables = _ledger_tables(engine, url)
+    finally:
+        if write:
+            engine.dispose()
+    if write:
+        return Ledger(url, roster=roster)
+    return Ledger(url, engine=engine, roster=roster, tables=tables)
+
+
+def _ledger_tables(engine: Engine, url: str) -> set[str]:
+    try:
+        names = set(inspect(engine).get_table_names())
+    except (SQLAlchemyError, sqlite3.Error) as exc:
+        raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
+    if not _REQUIRED <= names:
+        raise UnreadableError(f"{_shown(url)} holds no medfed ledger (its tables are missing)")
+    return names
+
+
+def _readonly_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine that cannot write: SQLite opened with mode=ro (no file or table created),
+    PostgreSQL sessions whose transactions are READ ONLY."""
+    if url.startswith("sqlite"):
+        path = sqlite_path(url)
+        if path is None:
+            raise UnreadableError(f"ledger URL {_shown(url)} names no database file")
+        if not path.is_file():
+            raise UnreadableError(f"ledger file {path} does not exist")
+        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+
+        def connect() -> sqlite3.Connection:
+            return sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+
+        kwargs.setdefault("poolclass", QueuePool)
+        return create_engine("sqlite://", creator=connect, **kwargs)
+    engine = _new_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _read_only(dbapi_conn, _record):  # noqa: ANN001
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        dbapi_conn.commit()
+
+    return engine
+
+
+def _shown(url: str) -> str:
+    """A URL fit for a message: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return repr(url)
 
 
 @lru_cache(maxsize=16)
@@ -112,7 +183,7 @@ def engine_for(url: str) -> Engine:
             SQLModel.metadata.create_all(conn, tables=_TABLES)
             _upgrade(conn)
     except (SQLAlchemyError, ArgumentError) as exc:
-        raise UnreadableError(f"cannot open ledger {url}: {one_line(exc)}") from exc
+        raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
     return engine
 
 
@@ -126,27 +197,40 @@ def _new_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("postgresql"):
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-        return create_engine(url, pool_pre_ping=True, **kwargs)
-    raise UnreadableError(f"ledger URL {url!r} is neither sqlite:/// nor postgresql://")
+        try:
+            return create_engine(url, pool_pre_ping=True, **kwargs)
+        except (ArgumentError, ValueError) as exc:
+            raise UnreadableError(f"ledger URL {_shown(url)} is not a valid URL") from exc
+    raise UnreadableError(f"ledger URL {_shown(url)} is neither sqlite:/// nor postgresql://")
 
 
 def forked_reader(url: str) -> Ledger:
-    """A Ledger for reading in a forked worker process, on its own unpooled engine: the
+    """A read-only Ledger in a forked worker process, on its own unpooled engine: the
     parent's pooled connections (inherited, shared sockets and SQLite lock state) stay
     untouched. The tables must exist already."""
     try:
-        return Ledger(url, engine=_new_engine(url, poolclass=NullPool))
+        return Ledger(url, engine=_readonly_engine(url, poolclass=NullPool))
     except (SQLAlchemyError, ArgumentError) as exc:
         raise UnreadableError(f"cannot open ledger {url}: {one_line(exc)}") from exc
 
 
 def _upgrade(conn: Connection) -> None:
-    """Ledgers made before checkpoints stored consistency proofs lack that column."""
-    names = {c["name"] for c in inspect(conn).get_columns(C.name)}
+    """Ledgers made before checkpoints stored consistency proofs lack that column; ledgers
+    made before idempotency keys were per actor have a unique index on the key alone."""
+    inspector = inspect(conn)
+    names = {c["name"] for c in inspector.get_columns(C.name)}
     if "consistency_proof" not in names:
         conn.execute(
             text(f"ALTER TABLE {C.name} ADD COLUMN consistency_proof VARCHAR NOT NULL DEFAULT '[]'")
         )
+    indexes = {ix["name"]: ix for ix in inspector.get_indexes(E.name)}
+    if ACTOR_KEY_INDEX not in indexes:
+        old = "ix_ledger_entry_idempotency_key"
+        if old in indexes:
+            conn.execute(text(f"DROP INDEX {old}"))
+        for index in E.indexes:
+            if index.name in (old, ACTOR_KEY_INDEX):
+                index.create(conn)
 
 
 def _sqlite_serialized_writes(engine: Engine) -> None:
@@ -166,11 +250,26 @@ def _sqlite_serialized_writes(engine: Engine) -> None:
 
 
 class Ledger:
-    """The append-only, hash-chained, signed event log at `url`."""
+    """The append-only, hash-chained, signed event log at `url`.
 
-    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
+    With a `roster` (the federation's enrolled identities), this Ledger writes only entries
+    their signer may write, and its reads (`events`, `screened`) keep only entries an
+    enrolled actor wrote within its role: others are counted in `ignored` and skipped; an
+    entry that names an enrolled actor but is not its signature raises VerificationError."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        engine: Engine | None = None,
+        roster: Roster | None = None,
+        tables: set[str] | None = None,
+    ) -> None:
         self.url = url
         self.engine = engine or engine_for(url)
+        self.roster = roster
+        self.ignored: Counter[str] = Counter()  # actor -> entries skipped by the roster
+        self._tables = tables
 
     # ------------------------------------------------------------------ writing
 
@@ -202,16 +301,25 @@ class Ledger:
             ).first()
             seq = tail.seq + 1 if tail else 0
             prev = bytes.fromhex(tail.entry_hash) if tail else GENESIS_HASH
-            existing: dict[str, tuple[int, str]] = {}
+            # Idempotency keys are per actor: an entry someone else wrote under a key never
+            # makes this actor's step look done.
+            existing: dict[tuple[str, str], tuple[int, str]] = {}
             wanted = sorted({ev.idempotency_key for ev, _ in items})
             for i in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[i : i + _IN_CHUNK]
-                for key, s, h in conn.execute(
-                    select(E.c.idempotency_key, E.c.seq, E.c.entry_hash).where(
-                        E.c.idempotency_key.in_(chunk)
-                    )
+                for key, s, h, actor, body, sig in conn.execute(
+                    select(
+                        E.c.idempotency_key,
+                        E.c.seq,
+                        E.c.entry_hash,
+                        E.c.actor,
+                        E.c.body,
+                        E.c.signature,
+                    ).where(E.c.idempotency_key.in_(chunk))
                 ):
-                    existing[key] = (s, h)
+                    if self.roster is not None and actor in self.roster.members:
+                        self._check_own(s, key, body, sig)
+                    existing[(key, actor)] = (s, h)
             names = sorted({signer.name for _, signer in items})
             actors = dict(
                 conn.execute(select(A.c.name, A.c.public_key).where(A.c.name.in_(names))).all()
@@ -224,6 +332,10 @@ class Ledger:
                 nonlocal seq, prev
                 recorded = utc_now()
                 sealed = seal(ev, signer, seq=seq, prev_hash=prev, recorded=recorded)
+                if self.roster is not None:
+                    reason = self.roster.refusal(json.loads(sealed.body))
+                    if reason is not None:
+                        raise LedgerError(f"refusing to write a '{ev.action}' entry: {reason}")
                 entry_rows.append(_row(sealed, ev, recorded))
                 payload_rows.extend(
                     {
@@ -235,13 +347,13 @@ class Ledger:
                     }
                     for p in sealed.payloads
                 )
-                existing[ev.idempotency_key] = (seq, sealed.entry_hash.hex())
+                existing[(ev.idempotency_key, ev.actor)] = (seq, sealed.entry_hash.hex())
                 seq, prev = seq + 1, sealed.entry_hash
                 return sealed
 
             for ev, signer in items:
-                if ev.idempotency_key in existing:
-                    s, h = existing[ev.idempotency_key]
+                if (ev.idempotency_key, ev.actor) in existing:
+                    s, h = existing[(ev.idempotency_key, ev.actor)]
                     results.append(Appended(seq=s, entry_hash=h, created=False))
                     continue
                 public_hex = signer.public_key.hex()
@@ -257,7 +369,10 @@ class Ledger:
                     )
                     add(registration(signer, ev.job), signer)
                 elif known != public_hex:
-                    raise LedgerError(f"actor {signer.name!r} is registered with a different key")
+                    raise LedgerError(
+                        f"actor {signer.name!r} is registered with a different key on this "
+                        "ledger (or its actor table was altered: run `medfed ledger verify`)"
+                    )
                 sealed = add(ev, signer)
                 results.append(
                     Appended(seq=sealed.seq, entry_hash=sealed.entry_hash.hex(), created=True)
@@ -270,16 +385,34 @@ class Ledger:
                 conn.execute(insert(P), payload_rows)
         return results
 
+    def _check_own(self, seq: int, key: str, body: str, signature: str) -> None:
+        """An entry under an idempotency key an enrolled actor is about to reuse must really
+        be that actor's: a forged one would make its step look done."""
+        assert self.roster is not None
+        verdict = self.roster.judge(json.loads(body), body.encode(), signature)
+        if verdict.judgement == Judgement.FORGED:
+            raise VerificationError(
+                f"entry {seq}, stored under the idempotency key {key!r}, does not verify: "
+                f"{verdict.reason} (run `medfed ledger verify`)"
+            )
+
     def checkpoint(
-        self, signer: _keys.Identity, origin: str, *, recorded: str | None = None
+        self,
+        signer: _keys.Identity,
+        origin: str,
+        *,
+        recorded: str | None = None,
+        last_signed: str | None = None,
     ) -> str:
         """Sign a C2SP checkpoint of the whole log and store it; return the signed note.
 
         The root is recomputed from the entry bodies (not the stored hash column), and the new
         tree is proven consistent with the previous stored checkpoint (whose signature is
-        checked with this log's key) before anything is signed. A log has one origin and one
-        key; a second key or origin is refused. When nothing was appended since the last
-        checkpoint, that checkpoint is returned unchanged."""
+        checked with this log's key) before anything is signed. `last_signed` is the
+        checkpoint this key signed last, as its holder kept it outside the database: the log
+        must still extend it, so a truncated or rewritten log is never signed again. A log
+        has one origin and one key; a second key or origin is refused. When nothing was
+        appended since the last checkpoint, that checkpoint is returned unchanged."""
         vkey = note.format_vkey(signer)
         with self._write_txn() as conn:
             log = conn.execute(select(L.c.origin, L.c.vkey)).first()
@@ -301,6 +434,8 @@ class Ledger:
                         "over a broken log (run `medfed ledger verify`)"
                     )
                 hashes.append(h)
+            if last_signed is not None:
+                _check_extends(hashes, note.verify_checkpoint(last_signed, vkey, origin=origin))
             last = conn.execute(
                 select(C.c.size, C.c.note).order_by(C.c.size.desc()).limit(1)
             ).first()
@@ -377,6 +512,21 @@ class Ledger:
             signer,
         )
         return appended, len(found)
+
+    def add_cosignature(self, size: int, witness: str, line: str) -> None:
+        """Keep a witness's cosignature of the stored checkpoint at `size` (once per witness
+        and size: the first one stays)."""
+        with self._write_txn() as conn:
+            if conn.execute(select(C.c.size).where(C.c.size == size)).first() is None:
+                raise LedgerError(f"there is no stored checkpoint at size {size} to cosign")
+            held = conn.execute(
+                select(W.c.line).where(W.c.size == size, W.c.witness == witness)
+            ).first()
+            if held is None:
+                conn.execute(
+                    insert(W),
+                    [{"size": size, "witness": witness, "line": line, "recorded": utc_now()}],
+                )
 
     # ------------------------------------------------------------------ reading
 
@@ -455,11 +605,40 @@ class Ledger:
             )
 
     def events(self, **where: object) -> list[dict]:
-        """Entry bodies matching indexed columns, e.g. events(site="st-mary", action="train")."""
-        query = select(E.c.body).order_by(E.c.seq)
+        """Entry bodies matching indexed columns, e.g. events(site="st-mary", action="train");
+        with a roster, only those its enrolled actors wrote within their roles."""
+        query = select(E.c.seq, E.c.body, E.c.signature).order_by(E.c.seq)
         for column, value in where.items():
             query = query.where(E.c[column] == value)
-        return [json.loads(body) for (body,) in self._read(query)]
+        return list(self._screen((r[0], r[1], r[2]) for r in self._read(query)))
+
+    def screened(self) -> Iterator[dict]:
+        """Every entry's body (with its `entry_hash`) in seq order, screened by the roster as
+        `events` is, streamed."""
+        for row in self.raw_rows():
+            for fields in self._screen([(row[0], row[1], row[3])]):
+                fields["entry_hash"] = row[2]
+                yield fields
+
+    def _screen(self, rows: Iterator[tuple[int, str, str]] | list) -> Iterator[dict]:
+        for seq, body, signature in rows:
+            fields = json.loads(body)
+            if self.roster is None:
+                yield fields
+                continue
+            verdict = self.roster.judge(fields, body.encode(), signature)
+            if verdict.judgement == Judgement.FORGED:
+                raise VerificationError(
+                    f"entry {seq} does not verify: {verdict.reason}; the ledger was tampered "
+                    "with (run `medfed ledger verify`)"
+                )
+            if verdict.judgement == Judgement.IGNORE:
+                actor = str(fields.get("actor"))
+                if not self.ignored[actor]:
+                    log.warning("ignoring ledger entries of %r: %s", actor, verdict.reason)
+                self.ignored[actor] += 1
+                continue
+            yield fields
 
     def entry(self, seq: int) -> tuple | None:
         rows = self._read(
@@ -480,6 +659,38 @@ class Ledger:
             )
         ]
 
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """(size, note) of the stored checkpoint with the largest size; None when there is none."""
+        rows = self._read(select(C.c.size, C.c.note).order_by(C.c.size.desc()).limit(1))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def cosignatures(self) -> list[tuple[int, str, str]]:
+        """(size, witness, signature line) of every stored cosignature, by size and witness."""
+        if self._tables is not None and W.name not in self._tables:
+            return []  # a ledger made before witnesses: nothing cosigned
+        return [
+            tuple(r)
+            for r in self._read(
+                select(W.c.size, W.c.witness, W.c.line).order_by(W.c.size, W.c.witness)
+            )
+        ]
+
+    def actor_table(self) -> list[tuple[str, str]]:
+        """(name, public key hex) as the actor cache holds them."""
+        return [tuple(r) for r in self._read(select(A.c.name, A.c.public_key).order_by(A.c.name))]
+
+    def leaf_hashes(self) -> list[bytes]:
+        """Every entry's leaf hash, recomputed from its stored body, in seq order; raises
+        VerificationError when a seq is missing."""
+        hashes: list[bytes] = []
+        for row in self.raw_rows(signatures=False):
+            if row[0] != len(hashes):
+                raise VerificationError(
+                    f"entry {len(hashes)} is missing; the next stored entry is {row[0]}"
+                )
+            hashes.append(leaf_hash(row[1].encode()))
+        return hashes
+
     def log_identity(self) -> tuple[str, str] | None:
         """(origin, vkey) of this ledger's checkpoints, as stored; None before the first."""
         rows = self._read(select(L.c.origin, L.c.vkey))
@@ -493,6 +704,15 @@ class Ledger:
                 select(P.c.seq, P.c.field, P.c.salt, P.c.value).order_by(P.c.seq, P.c.field)
             )
         ]
+
+
+def _check_extends(hashes: list[bytes], kept: note.Checkpoint) -> None:
+    """Raise unless the log whose leaves are `hashes` still extends the checkpoint `kept`."""
+    if kept.size > len(hashes) or merkle.root(hashes[: kept.size]) != kept.root_hash:
+        raise VerificationError(
+            f"refusing to sign: the log no longer extends the checkpoint this log key signed "
+            f"last (size {kept.size}); it was truncated or rewritten (run `medfed ledger verify`)"
+        )
 
 
 def registration(signer: _keys.Identity, job: str) -> Event:

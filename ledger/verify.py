@@ -1,10 +1,13 @@
 """Recompute a whole ledger: chain, entry hashes, signatures, indexed columns, erasable-field
 commitments, Merkle roots and every checkpoint (signature, root, consistency with the last).
 
-The keys that entry signatures are checked against come from the chain's own `register_key`
-entries (self-signed, and themselves chained), never from the mutable actor table; a caller
-may pin keys it trusts from elsewhere with `trusted_keys`. The checkpoint key is the vkey the
-caller pins, else the one the ledger stores.
+The keys that entry signatures are checked against come from the caller's pinned `roster`
+(the federation's enrolled identities: `ledger.identities`), which also decides who may write
+what; with no roster, from the chain's own `register_key` entries (self-signed, and themselves
+chained), never from the mutable actor table, which is checked against them. The checkpoint
+key is the vkey the caller pins (or the roster's log key), else the one the ledger stores. A
+pinned log key must have signed a checkpoint that covers the whole log, and `witnesses=N`
+requires that checkpoint to be cosigned (C2SP tlog-cosignature) by N enrolled sites.
 
 Works on a database (`verify_ledger`) or on an exported bundle (`verify_bundle`, no database).
 Rows stream through one tight loop (no ORM); signatures, the slow part, are checked in worker
@@ -29,9 +32,10 @@ from pathlib import Path
 
 from sqlalchemy.pool import QueuePool
 
-from ledger import LedgerError, VerificationError, jcs, merkle, note
+from ledger import LedgerError, VerificationError, cosignature, jcs, merkle, note
 from ledger import keys as _keys
 from ledger.entry import GENESIS_HASH, LEAF_PREFIX, Action, commitment, unb64
+from ledger.identities import Roster
 from ledger.schema import INDEXED_FIELDS
 from ledger.store import Ledger, forked_reader, open_ledger, sqlite_path
 
@@ -62,6 +66,9 @@ class Report:
     signatures: bool = True
     personal_fields: int = 0  # committed erasable fields still present and matching
     erased_fields: int = 0
+    identities_pinned: bool = False  # every actor was checked against a pinned roster
+    cosignatures: int = 0  # witness cosignatures verified (0 when no roster names witnesses)
+    witnesses: tuple[str, ...] = ()  # who cosigned the checkpoint covering the whole log
 
 
 class EntryError(VerificationError):
@@ -92,18 +99,63 @@ class Source:
     payloads: Sequence[tuple] | None = None  # (seq, field, salt hex, value); None: not checked
     columns: bool = True  # rows carry the indexed columns
     public_keys: Mapping[str, str] = field(default_factory=dict)  # bundle's actor -> hex key
+    cosignatures: Sequence[tuple[int, str, str]] = ()  # (size, witness, signature line)
+    actor_table: Sequence[tuple[str, str]] | None = None  # the database's actor cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pins:
+    """What the verifier trusts from outside the ledger."""
+
+    vkey: str | None = None  # the log's checkpoint key
+    roster: Roster | None = None  # the enrolled identities
+    checkpoints: Sequence[str] = ()  # checkpoints kept elsewhere (a site's, an auditor's)
+    witnesses: int = 0  # enrolled witnesses that must cosign the checkpoint covering the log
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        return self.roster.keys if self.roster else {}
+
+    @property
+    def log_vkey(self) -> str | None:
+        """The pinned log key: --vkey, else the roster's; both pinned must agree."""
+        roster_vkey = self.roster.log_vkey if self.roster else None
+        if self.vkey and roster_vkey and self.vkey != roster_vkey:
+            raise LedgerError("the --vkey given is not the log key the identities file pins")
+        return self.vkey or roster_vkey
+
+
+def _pins(
+    vkey: str | None,
+    roster: Roster | None,
+    pinned_checkpoints: Sequence[str],
+    witnesses: int,
+) -> Pins:
+    if witnesses < 0:
+        raise LedgerError("--witnesses must be 0 or more")
+    if witnesses and roster is None:
+        raise LedgerError("--witnesses needs the enrolled witnesses: pass --identities FILE")
+    enrolled = len(roster.witnesses) if roster else 0
+    if witnesses > enrolled:
+        raise LedgerError(f"--witnesses {witnesses} is more than the {enrolled} enrolled sites")
+    return Pins(
+        vkey=vkey, roster=roster, checkpoints=tuple(pinned_checkpoints), witnesses=witnesses
+    )
 
 
 def verify_ledger(
     url: str,
     *,
     vkey: str | None = None,
-    trusted_keys: Mapping[str, bytes] | None = None,
+    roster: Roster | None = None,
     pinned_checkpoints: Sequence[str] = (),
+    witnesses: int = 0,
     signatures: bool = True,
     workers: int | None = None,
 ) -> Report:
-    """Verify the ledger at `url` (which must exist); raise EntryError / CheckpointError."""
+    """Verify the ledger at `url` (which must exist; opened read-only); raise EntryError /
+    CheckpointError / VerificationError."""
+    pins = _pins(vkey, roster, pinned_checkpoints, witnesses)
     ledger = open_ledger(url)
     # The checkpoints are read now, the entries after: no checkpoint covers an unread entry.
     source = source_of(ledger, signatures=signatures)
@@ -111,21 +163,12 @@ def verify_ledger(
         ledger,
         source,
         workers=(os.cpu_count() or 1) if workers is None else workers,
-        vkey=vkey,
-        trusted_keys=trusted_keys,
-        pinned_checkpoints=pinned_checkpoints,
+        pins=pins,
         signatures=signatures,
     )
     if report is not None:
         return report
-    return verify_source(
-        source,
-        vkey=vkey,
-        trusted_keys=trusted_keys,
-        pinned_checkpoints=pinned_checkpoints,
-        signatures=signatures,
-        workers=workers,
-    )
+    return _verify_source(source, pins=pins, signatures=signatures, workers=workers)
 
 
 def source_of(ledger: Ledger, *, signatures: bool = True) -> Source:
@@ -134,6 +177,8 @@ def source_of(ledger: Ledger, *, signatures: bool = True) -> Source:
         checkpoints=ledger.checkpoints(),
         log=ledger.log_identity(),
         payloads=ledger.payloads(),
+        cosignatures=ledger.cosignatures(),
+        actor_table=ledger.actor_table(),
     )
 
 
@@ -141,12 +186,19 @@ def verify_source(
     source: Source,
     *,
     vkey: str | None = None,
-    trusted_keys: Mapping[str, bytes] | None = None,
+    roster: Roster | None = None,
     pinned_checkpoints: Sequence[str] = (),
+    witnesses: int = 0,
     signatures: bool = True,
     workers: int | None = None,
 ) -> Report:
-    keys: dict[str, bytes] = dict(trusted_keys or {})
+    pins = _pins(vkey, roster, pinned_checkpoints, witnesses)
+    return _verify_source(source, pins=pins, signatures=signatures, workers=workers)
+
+
+def _verify_source(source: Source, *, pins: Pins, signatures: bool, workers: int | None) -> Report:
+    roster = pins.roster
+    keys: dict[str, bytes] = pins.keys
     key_ids: dict[tuple[str, bytes], str] = {}
     hashes: list[bytes] = []
     sig_jobs: list[tuple[int, bytes, str, bytes]] = []
@@ -161,7 +213,7 @@ def verify_source(
 
     for row in source.rows:
         seq = row[0]
-        checked = _check_row(row, n, prev_hex, columns)
+        checked = _check_row(row, n, prev_hex, columns, roster)
         if len(checked) == 2:
             failure = checked
             break
@@ -214,8 +266,7 @@ def verify_source(
         roots_of=functools.partial(merkle.prefix_roots, hashes),
         commitments=commitments,
         erased=erased,
-        vkey=vkey,
-        pinned_checkpoints=pinned_checkpoints,
+        pins=pins,
         signatures=signatures,
     )
 
@@ -229,15 +280,29 @@ def _report(
     roots_of: Callable[[Sequence[int]], list[bytes]],
     commitments: Mapping[tuple[int, str], str],
     erased: set[tuple[int, str]],
-    vkey: str | None,
-    pinned_checkpoints: Sequence[str],
+    pins: Pins,
     signatures: bool,
 ) -> Report:
-    """The checks after the entries (erasable fields, checkpoints), once they all verify."""
+    """The checks after the entries (actor table, erasable fields, checkpoints, cosignatures),
+    once they all verify."""
+    _check_actor_table(source.actor_table, keys)
     present, erased_count = _check_payloads(source.payloads, commitments, erased)
-    cp_count, cp_size, used_vkey, full_root = _check_checkpoints(
-        size, roots_of, source.checkpoints, source.log, vkey, pinned_checkpoints
+    vkey = pins.log_vkey
+    checked = _check_checkpoints(
+        size, roots_of, source.checkpoints, source.log, vkey, pins.checkpoints
     )
+    cp_count, cp_size, used_vkey, full_root, notes = checked
+    if vkey is not None:
+        _check_covered(size, notes)
+    cosigned = _check_cosignatures(source.cosignatures, notes, pins)
+    covering = sorted(cosigned.get(size, ()))
+    if pins.witnesses and len(covering) < pins.witnesses:
+        best = max(cosigned.items(), key=lambda kv: (len(kv[1]), kv[0]), default=(0, set()))
+        raise VerificationError(
+            f"no checkpoint covering all {size} entries is cosigned by {pins.witnesses} "
+            f"enrolled witnesses ({len(covering)} did; the most cosigned checkpoint, at size "
+            f"{best[0]}, by {len(best[1])})"
+        )
     return Report(
         entries=size,
         head=head,
@@ -249,17 +314,21 @@ def _report(
         signatures=signatures,
         personal_fields=present,
         erased_fields=erased_count,
+        identities_pinned=pins.roster is not None,
+        cosignatures=sum(len(v) for v in cosigned.values()),
+        witnesses=tuple(covering),
     )
 
 
 def _check_row(
-    row: Sequence, expected_seq: int, prev_hex: str | None, columns: bool
+    row: Sequence, expected_seq: int, prev_hex: str | None, columns: bool, roster: Roster | None
 ) -> tuple[bytes, bytes, str, dict] | tuple[int, str]:
-    """The checks one stored row needs from nothing but itself and its predecessor's hash:
-    its place in the sequence, hash, JSON body, stated seq, chain link and (when the rows
-    carry them) indexed columns. Both the single loop and the range workers run every row
-    through it. Returns (body, digest, digest hex, fields), or (seq, why) for the first
-    failure: a pair, so callers tell the two apart by length (a tuple is cheapest here)."""
+    """The checks one stored row needs from nothing but itself, its predecessor's hash and
+    the pinned roster: its place in the sequence, hash, JSON body, stated seq, chain link,
+    (when the rows carry them) indexed columns, and whether its actor may write it. Both the
+    single loop and the range workers run every row through it. Returns (body, digest,
+    digest hex, fields), or (seq, why) for the first failure: a pair, so callers tell the
+    two apart by length (a tuple is cheapest here)."""
     seq = row[0]
     if seq != expected_seq:
         return (expected_seq, f"missing; the next stored entry is {seq}")
@@ -278,6 +347,10 @@ def _check_row(
         return (seq, "hash chain broken: prev does not match the previous entry")
     if columns and tuple(row[4:11]) != tuple(map(fields.get, INDEXED_FIELDS)):
         return (seq, _column_failure(row, fields))
+    if roster is not None:
+        refused = roster.refusal(fields)
+        if refused is not None:
+            return (seq, refused)
     return body, digest, digest_hex, fields
 
 
@@ -345,6 +418,7 @@ class _Range:
     levels: int  # Merkle levels to build above the leaves; ranges start at multiples of 2**levels
     signatures: bool
     hints: Mapping[str, bytes]  # actor -> key to check its signatures with here
+    roster: Roster | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,14 +454,12 @@ def _verify_in_ranges(
     source: Source,
     *,
     workers: int,
-    vkey: str | None,
-    trusted_keys: Mapping[str, bytes] | None,
-    pinned_checkpoints: Sequence[str],
+    pins: Pins,
     signatures: bool,
 ) -> Report | None:
     """The report from scanning seq ranges in worker processes; None where that is not done
     (small ledger, one worker, in-memory SQLite) or must be redone by the single loop."""
-    tasks = _plan(ledger, workers, signatures, dict(trusted_keys or {}))
+    tasks = _plan(ledger, workers, signatures, pins.roster)
     if not tasks:
         return None
     pool = ledger.engine.pool
@@ -406,7 +478,7 @@ def _verify_in_ranges(
         try:
             whole = _stitch(
                 (f.result() for f in futures),
-                trusted=dict(trusted_keys or {}),
+                trusted=pins.keys,
                 hints=tasks[0].hints if signatures else None,
             )
         except _Fallback:
@@ -422,15 +494,12 @@ def _verify_in_ranges(
         roots_of=functools.partial(merkle.prefix_roots_of_levels, whole.levels),
         commitments=whole.commitments,
         erased=whole.erased,
-        vkey=vkey,
-        pinned_checkpoints=pinned_checkpoints,
+        pins=pins,
         signatures=signatures,
     )
 
 
-def _plan(
-    ledger: Ledger, workers: int, signatures: bool, trusted: dict[str, bytes]
-) -> list[_Range]:
+def _plan(ledger: Ledger, workers: int, signatures: bool, roster: Roster | None) -> list[_Range]:
     if workers < 2 or (ledger.engine.dialect.name == "sqlite" and sqlite_path(ledger.url) is None):
         return []
     last = ledger.last_seq()
@@ -440,7 +509,7 @@ def _plan(
     count = -(-(last + 1) // span)
     if count < 2:
         return []
-    hints = _hint_keys(ledger, trusted) if signatures else {}
+    hints = _hint_keys(ledger, roster.keys if roster else {}) if signatures else {}
     return [
         _Range(
             url=ledger.url,
@@ -449,6 +518,7 @@ def _plan(
             levels=span.bit_length() - 1,
             signatures=signatures,
             hints=hints,
+            roster=roster,
         )
         for i in range(count)
     ]
@@ -518,7 +588,7 @@ def _scan(ledger: Ledger, task: _Range) -> _Part:
         if first_seq is None:
             first_seq = seq
         # No anchor (the entry before the range is missing) breaks the chain here.
-        checked = _check_row(row, n, prev_hex, True)
+        checked = _check_row(row, n, prev_hex, True, task.roster)
         if len(checked) == 2:
             failure = checked
             break
@@ -804,7 +874,9 @@ def _check_checkpoints(
     log: tuple[str, str] | None,
     pinned_vkey: str | None,
     pinned_notes: Sequence[str],
-) -> tuple[int, int, str, bytes]:
+) -> tuple[int, int, str, bytes, list[tuple[note.Checkpoint, str]]]:
+    """Returns (stored checkpoints verified, size of the latest, vkey used, root of the whole
+    log, every verified checkpoint with its note: stored ones, then pinned ones)."""
     vkey = pinned_vkey or (log[1] if log else None)
     origin = log[0] if log and not pinned_vkey else None
     if (stored or pinned_notes) and not vkey:
@@ -822,6 +894,8 @@ def _check_checkpoints(
             raise CheckpointError(size, "stored size or root differs from the signed note")
         parsed.append((row, cp))
     external = []
+    # A kept file may gain trailing blank lines or spaces in transit; the note ends in one "\n".
+    pinned_notes = [text.rstrip() + "\n" for text in pinned_notes]
     for text in pinned_notes:
         try:
             external.append(note.verify_checkpoint(text, vkey))
@@ -863,7 +937,77 @@ def _check_checkpoints(
                     f"not proven consistent with the checkpoint at size {previous.size}: {exc}",
                 ) from exc
         previous = cp
-    return len(parsed), (parsed[-1][1].size if parsed else 0), vkey or "", full_root
+    verified = [(cp, row[2]) for row, cp in parsed] + list(zip(external, pinned_notes, strict=True))
+    latest = parsed[-1][1].size if parsed else 0
+    return len(parsed), latest, vkey or "", full_root, verified
+
+
+def _check_covered(n: int, verified: Sequence[tuple[note.Checkpoint, str]]) -> None:
+    """A pinned log key vouches for the log only through a checkpoint covering all of it."""
+    if not verified:
+        raise VerificationError(
+            f"no checkpoint signed by the pinned log key: nothing vouches for these {n} entries"
+        )
+    covered = max(cp.size for cp, _ in verified)
+    if covered < n:
+        raise VerificationError(
+            f"entries {covered}..{n - 1} are not covered by a checkpoint signed by the pinned "
+            "log key (one is signed at every round commit and job end; `medfed ledger "
+            "checkpoint` signs one now)"
+        )
+
+
+def _check_cosignatures(
+    stored: Sequence[tuple[int, str, str]],
+    verified: Sequence[tuple[note.Checkpoint, str]],
+    pins: Pins,
+) -> dict[int, set[str]]:
+    """Every stored cosignature, and those in pinned notes, checked against the enrolled
+    witnesses; returns checkpoint size -> the witnesses whose cosignature verifies. Without a
+    roster there are no witness keys to check with: nothing is counted."""
+    if pins.roster is None:
+        return {}
+    witnesses = pins.roster.witnesses
+    bodies = {cp.size: note.format_checkpoint(cp) for cp, _ in verified}
+    cosigned: dict[int, set[str]] = {}
+    for size, witness, line in stored:
+        body = bodies.get(size)
+        if body is None:
+            raise CheckpointError(size, f"{witness!r} cosigned a checkpoint that is not stored")
+        key = witnesses.get(witness)
+        if key is None:
+            raise CheckpointError(size, f"cosigned by {witness!r}, who is not an enrolled witness")
+        try:
+            c = cosignature.parse_signature_line(line)
+            if c.name != witness:
+                raise VerificationError(f"the line is signed as {c.name!r}")
+            cosignature.verify_cosignature(body, c, name=witness, public_key=key)
+        except VerificationError as exc:
+            raise CheckpointError(
+                size, f"the cosignature by {witness!r} does not verify: {exc}"
+            ) from exc
+        cosigned.setdefault(size, set()).add(witness)
+    for cp, text in verified[len(verified) - len(pins.checkpoints) :]:
+        try:
+            names = cosignature.verify_cosigned(text, witnesses=witnesses)
+        except VerificationError as exc:
+            raise CheckpointError(cp.size, f"pinned checkpoint: {exc}") from exc
+        cosigned.setdefault(cp.size, set()).update(names)
+    return cosigned
+
+
+def _check_actor_table(table: Sequence[tuple[str, str]] | None, keys: Mapping[str, bytes]) -> None:
+    """The actor table is a cache of the chain's registrations: it must agree with them (a
+    tampered row would otherwise block appends while the log verifies)."""
+    for name, hex_key in table or ():
+        if name not in keys:
+            raise VerificationError(
+                f"the actor table names {name!r}, for whom the chain holds no registered key"
+            )
+        if keys[name].hex() != hex_key:
+            raise VerificationError(
+                f"the actor table's key for {name!r} is not the one in its signed registration"
+            )
 
 
 # ---------------------------------------------------------------- bundles
@@ -876,6 +1020,7 @@ def write_bundle(ledger: Ledger, path: Path) -> dict[str, int]:
     public keys, as one JSON file (written atomically). Personal fields are not included:
     only their commitments, inside the signed bodies."""
     entries = [list(r[:4]) for r in ledger.raw_rows()]
+    cosigs = ledger.cosignatures()
     log = ledger.log_identity()
     keys_: dict[str, str] = {}
     for seq, body, _h, _s in entries:
@@ -889,7 +1034,13 @@ def write_bundle(ledger: Ledger, path: Path) -> dict[str, int]:
         "vkey": log[1] if log else None,
         "public_keys": keys_,
         "checkpoints": [
-            {"size": s, "root_hash": r, "note": t, "consistency_proof": json.loads(p or "[]")}
+            {
+                "size": s,
+                "root_hash": r,
+                "note": t,
+                "consistency_proof": json.loads(p or "[]"),
+                "cosignatures": {w: line for size, w, line in cosigs if size == s},
+            }
             for s, r, t, p in ledger.checkpoints()
         ],
         "entries": entries,
@@ -921,11 +1072,22 @@ def read_bundle(path: Path) -> Source:
             for c in data["checkpoints"]
         ]
         public = {str(k): str(v) for k, v in data.get("public_keys", {}).items()}
-    except (KeyError, TypeError, ValueError) as exc:
+        cosigs = [
+            (int(c["size"]), str(w), str(line))
+            for c in data["checkpoints"]
+            for w, line in c.get("cosignatures", {}).items()
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UnreadableError(f"bundle {path} is malformed: {exc}") from exc
     log = (data["origin"], data["vkey"]) if data.get("vkey") else None
     return Source(
-        rows=rows, checkpoints=cps, log=log, payloads=None, columns=False, public_keys=public
+        rows=rows,
+        checkpoints=cps,
+        log=log,
+        payloads=None,
+        columns=False,
+        public_keys=public,
+        cosignatures=cosigs,
     )
 
 

@@ -99,7 +99,9 @@ def audit_site(fed: FederationConfig, job: str, site: Site) -> SiteAudit:
     at the site: it needs the site's data and its copy of the model)."""
     from ledger.store import Ledger
 
-    commits = Ledger(fed.ledger_url).events(job=job, action=str(Action.COMMIT_ROUND))
+    commits = Ledger(fed.ledger_url, roster=fed.roster()).events(
+        job=job, action=str(Action.COMMIT_ROUND)
+    )
     if not commits:
         raise StepError(f"job '{job}' has no committed round in {fed.ledger_url}")
     last = max(c["round"] for c in commits)

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Self
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ledger.identities import Roster, roster_from_mapping
 from tasks import StepError
 
 
@@ -61,6 +62,28 @@ class SiteEntry(_Strict):
     kind: SiteKind
     public_key: HexKey  # Ed25519: signs the site's ledger entries, reports and artifacts
     kex_key: HexKey  # X25519: receives the CKKS secret sealed by the key-holding site
+
+
+class Identities(_Strict):
+    """Who may write what on the ledger, pinned here (and, through the plan, approved by every
+    site): the coordinator's Ed25519 key, the log's checkpoint key (a C2SP vkey) and,
+    optionally, the DPO's key (the only one that may erase). The sites' keys are `[[sites]]`."""
+
+    coordinator: HexKey
+    log: str = Field(min_length=1)
+    dpo: HexKey | None = None
+
+    @field_validator("log")
+    @classmethod
+    def _vkey(cls, v: str) -> str:
+        from ledger import LedgerError
+        from ledger.note import parse_vkey
+
+        try:
+            parse_vkey(v)
+        except LedgerError as exc:
+            raise ValueError(f"is not a C2SP verifier key ({exc})") from exc
+        return v
 
 
 class ModelConfig(_Strict):
@@ -134,6 +157,8 @@ class FederationConfig(_Strict):
     model: ModelConfig = ModelConfig()
     dp: DPConfig = DPConfig(noise_multiplier=1.0)
     ckks: CKKSConfig = CKKSConfig()
+    # Written by `medfed register` from the coordinator's root; required to run a job.
+    identities: Identities | None = None
     sites: tuple[SiteEntry, ...] = Field(min_length=1)
 
     @field_validator("learning_rate")
@@ -177,6 +202,23 @@ class FederationConfig(_Strict):
             raise ConfigError(
                 f"min_sites ({self.min_sites}) exceeds the {len(self.sites)} sites listed"
             )
+        if self.identities is None:
+            raise ConfigError(
+                "the federation file pins no [identities] (coordinator and log keys): "
+                "'medfed register' writes them"
+            )
+
+    def roster(self) -> Roster | None:
+        """The enrolled identities every ledger read and write of this federation is held
+        to; None while the file pins none."""
+        if self.identities is None:
+            return None
+        return roster_from_mapping(self.plan(), source="the federation's identities")
+
+    @property
+    def log_origin(self) -> str:
+        """The origin line of this federation's ledger checkpoints."""
+        return f"medfed.local/{self.name}"
 
     def site(self, name: str) -> SiteEntry:
         for s in self.sites:

@@ -43,7 +43,7 @@ class CoordinatorRun:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger(self.fed.ledger_url)
+        return Ledger(self.fed.ledger_url, roster=self.fed.roster())
 
     @cached_property
     def plan(self) -> dict[str, Any]:
@@ -96,6 +96,7 @@ def record_enrollment(
         site=entry.name,
         key=f"{federation}/enroll/{entry.name}/{entry.public_key[:16]}",
         details={
+            "role": "site",
             "site": entry.name,
             "kind": str(entry.kind),
             "public_key": entry.public_key,
@@ -104,12 +105,22 @@ def record_enrollment(
     )
 
 
+def record_role_enrollment(
+    ledger: Ledger, identity: Identity, federation: str, *, role: str, name: str, key: str
+) -> None:
+    """A non-site identity (the DPO) enrolled on the ledger, signed by the coordinator."""
+    Recorder(ledger=ledger, signer=identity, job=f"{federation}-enrollment", round=0).record(
+        Action.ENROLL,
+        key=f"{federation}/enroll/{role}/{name}/{key[:16]}",
+        details={"role": role, "name": name, "public_key": key},
+    )
+
+
 def check_enrolled(ledger: Ledger, fed: FederationConfig) -> None:
     """Every site of the federation file is registered on the ledger with the same key."""
     enrolled = {
         (e["details"].get("site"), e["details"].get("public_key"))
-        for e in ledger.events(action=str(Action.ENROLL))
-        if e.get("actor") == COORDINATOR
+        for e in ledger.events(action=str(Action.ENROLL), actor=COORDINATOR)
     }
     for s in fed.sites:
         if (s.name, s.public_key) not in enrolled:
@@ -263,9 +274,19 @@ def commit_round(
     return version
 
 
-def checkpoint(run: CoordinatorRun) -> None:
-    """Publish a signed checkpoint of the whole log, proven consistent with the previous one."""
-    run.ledger.checkpoint(log_identity(run.paths), origin=f"medfed.local/{run.fed.name}")
+def checkpoint(run: CoordinatorRun) -> str:
+    """Sign a checkpoint of the whole log, proven consistent with the previous one and with
+    the one this log key signed last (kept in the coordinator's root, not in the database)."""
+    kept = run.paths.last_checkpoint(run.fed.ledger_url)
+    last = kept.read_text(encoding="utf-8") if kept.exists() else None
+    signed = run.ledger.checkpoint(
+        log_identity(run.paths), origin=run.fed.log_origin, last_signed=last
+    )
+    if signed != last:
+        from ledger import keys as ledger_keys
+
+        ledger_keys.write_secret(kept, signed.encode())  # fsync'd before the job goes on
+    return signed
 
 
 def committed_model(run: CoordinatorRun, round_number: int) -> tuple[str, Any] | None:
@@ -277,5 +298,5 @@ def committed_model(run: CoordinatorRun, round_number: int) -> tuple[str, Any] |
 
 
 def job_start_digest(ledger: Ledger, job: str) -> str | None:
-    found = ledger.events(idempotency_key=f"{job}/start")
+    found = ledger.events(idempotency_key=f"{job}/start", actor=COORDINATOR)
     return found[0]["inputs"].get("federation") if found else None

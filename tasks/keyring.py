@@ -5,6 +5,8 @@ COORDINATOR_ROOT/
   keys/identity.pem    Ed25519: signs instructions, aggregates and its ledger entries (0600)
   keys/log.pem         Ed25519: signs the ledger's C2SP checkpoints (0600)
   keys/ckks.public     the CKKS public context received from the key-holding site
+  log/<ledger>.checkpoint  the checkpoint the log key signed last, kept outside the database:
+                       the coordinator never signs a log that does not extend it
   jobs/<job>/...       references the coordinator needs to resume a job (public material)
 ```
 
@@ -14,15 +16,17 @@ sites create their keys at the site (`tasks.site`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ledger import keys
+from ledger import keys, note
+from ledger.identities import COORDINATOR
 from tasks import StepError
 
-COORDINATOR = "coordinator"
 LOG_KEY_NAME = "medfed-log"
 
 
@@ -42,6 +46,11 @@ class CoordinatorPaths:
     @property
     def ckks_public(self) -> Path:
         return self.root / "keys" / "ckks.public"
+
+    def last_checkpoint(self, ledger_url: str) -> Path:
+        """The checkpoint the log key signed last for the ledger at `ledger_url`."""
+        digest = hashlib.sha256(ledger_url.encode()).hexdigest()[:16]
+        return self.root / "log" / f"{digest}.checkpoint"
 
     def job_state(self, job: str, name: str) -> Path:
         return self.root / "jobs" / job / f"{name}.json"
@@ -65,3 +74,27 @@ def coordinator_identity(paths: CoordinatorPaths) -> keys.Identity:
 
 def log_identity(paths: CoordinatorPaths) -> keys.Identity:
     return keys.load_or_create(LOG_KEY_NAME, paths.log_key)
+
+
+def identities_toml(paths: CoordinatorPaths, *, dpo: str | None = None) -> str:
+    """The federation file's `[identities]` table: the coordinator's and the log's public
+    keys (created on first use), and the DPO's when given (64 hex digits)."""
+    lines = [
+        "[identities]  # who may write what on the ledger; sites approve it with the plan",
+        f'coordinator = "{coordinator_identity(paths).public_key.hex()}"',
+        f'log = "{note.format_vkey(log_identity(paths))}"',
+    ]
+    if dpo:
+        lines.append(f'dpo = "{dpo}"')
+    return "\n".join(lines) + "\n"
+
+
+_IDENTITIES = re.compile(r"^\[identities\][^\n]*\n(?:(?!\[)[^\n]*\n)*", re.MULTILINE)
+
+
+def with_identities(text: str, block: str) -> str:
+    """`text` (a federation file) with its `[identities]` table replaced by `block`, or with
+    `block` appended when it has none."""
+    if _IDENTITIES.search(text):
+        return _IDENTITIES.sub(lambda _m: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block

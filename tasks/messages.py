@@ -40,6 +40,7 @@ class Phase(StrEnum):
     PREPARE = "prepare"  # once per job run: check, preprocess, key material; nobody trains
     TRAIN = "train"  # preprocess (cached) -> train -> clip_and_noise -> encrypt -> upload
     EVALUATE = "evaluate"  # fetch aggregate -> decrypt -> strategy update -> evaluate
+    WITNESS = "witness"  # check the ledger extends what the site saw; cosign its checkpoint
 
 
 class Status(StrEnum):

@@ -31,7 +31,7 @@ class Recorder:
         return step_key(self.job, self.round, self.site or self.signer.name, step)
 
     def prior(self, step: str) -> dict[str, Any] | None:
-        found = self.ledger.events(idempotency_key=self.key(step))
+        found = self.ledger.events(idempotency_key=self.key(step), actor=self.signer.name)
         return found[0] if found else None
 
     def record(

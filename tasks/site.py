@@ -9,6 +9,7 @@ SITE_ROOT/
   keys/pseudonym.key     pseudonymization secret (0600)
   keys/ckks.secret       CKKS secret context (0600): made here (key holder) or received sealed
   approved/<digest>.json the training plans the site approved (Fed-BioMed style)
+  witness/<log>.checkpoint the ledger checkpoint this site cosigned last (it is a witness)
   cache/ work/ models/   prepared data, intermediate files, global model copies
 ```
 
@@ -17,6 +18,7 @@ Relative paths in `site.toml` are relative to the site root.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tomllib
@@ -117,6 +119,11 @@ class Site:
 
     def global_model(self, job: str, round_number: int) -> Path:
         return self.root / "models" / job / f"global-r{round_number:04d}.npy"
+
+    def witness_path(self, origin: str, vkey: str) -> Path:
+        """Where the site keeps the checkpoint of the log (origin, key) it cosigned last."""
+        digest = hashlib.sha256(f"{origin}\n{vkey}".encode()).hexdigest()[:16]
+        return self.root / "witness" / f"{digest}.checkpoint"
 
     def approved_plan_path(self, digest: str) -> Path:
         return self.root / "approved" / f"{digest}.json"

@@ -19,6 +19,7 @@ from typing import Any
 from ledger import LedgerError
 from ledger.entry import Action, Outcome
 from ledger.store import Ledger
+from ledger.witness import WitnessError
 from tasks import IntegrityError, StepError, transport
 from tasks.config import plan_digest, plan_from_dict
 from tasks.messages import (
@@ -43,6 +44,7 @@ from tasks.site_steps import (
     train,
     upload,
 )
+from tasks.witness import check_ledger, cosign
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"():,]+)+")
 
@@ -90,6 +92,8 @@ def check_instruction(site: Site, text: str, *, now: datetime | None = None) -> 
         raise Refused("the plan does not list this site with its own public key")
     if me.kind != site.settings.kind:
         raise Refused(f"the plan lists this site as '{me.kind}', it is '{site.settings.kind}'")
+    if fed.identities is None or fed.identities.coordinator != acc.coordinator_key:
+        raise Refused("the plan does not pin the coordinator key this site accepts")
     if parse_utc(instr.deadline) < (now or datetime.now(UTC)):
         raise Refused(f"the instruction's deadline {instr.deadline} has passed")
     return SiteRun(site=site, instr=instr, fed=fed)
@@ -118,7 +122,7 @@ def record_refusal(site: Site, text: str, reason: str) -> SiteReport:
         return report
     fed = plan_from_dict(plan)
     Recorder(
-        ledger=Ledger(fed.ledger_url),
+        ledger=Ledger(fed.ledger_url, roster=fed.roster()),
         signer=site.identity,
         job=job,
         round=round_number,
@@ -156,9 +160,18 @@ def run_site_phase(instruction: str, site_root: str | Path, *, call: Call = dire
         Phase.PREPARE: prepare_phase,
         Phase.TRAIN: train_phase,
         Phase.EVALUATE: evaluate_phase,
+        Phase.WITNESS: witness_phase,
     }
     try:
+        if run.instr.phase != Phase.WITNESS:  # the witness phase checks as it cosigns
+            check_ledger(run)
         status, reason, data = phases[run.instr.phase](run, call)
+    except WitnessError as exc:
+        # Written to nothing but the report: a ledger that lost or changed what this site
+        # witnessed is not one to append to, train on, or charge budget against.
+        reason = f"the ledger does not extend what this site witnessed: {exc}"
+        step_log().error("site %s refused %s: %s", run.name, run.instr.phase, reason)
+        return _report(run, instruction, Status.REFUSED, reason, {"refused": "ledger"})
     except Exception as exc:
         known = isinstance(exc, StepError | LedgerError)
         reason = shareable(str(exc)) if known else f"internal error ({type(exc).__name__})"
@@ -243,3 +256,8 @@ def evaluate_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any
     data = call(preprocess, run)
     result = call(evaluate, run, data)
     return Status.COMPLETED, "", result
+
+
+def witness_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
+    """Cosign the ledger's newest checkpoint after checking it extends what the site saw."""
+    return Status.COMPLETED, "", call(cosign, run)

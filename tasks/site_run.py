@@ -15,7 +15,6 @@ from tasks.record import Recorder
 from tasks.site import Site
 
 log = logging.getLogger("medfed.site")
-COORDINATOR = "coordinator"
 
 
 def step_log() -> logging.Logger | logging.LoggerAdapter:
@@ -57,7 +56,8 @@ class SiteRun:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger(self.fed.ledger_url)
+        """The federation's ledger, read and written under the identities the plan pins."""
+        return Ledger(self.fed.ledger_url, roster=self.fed.roster())
 
     def recorder(self, round_number: int | None = None) -> Recorder:
         return Recorder(

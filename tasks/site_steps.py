@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ledger.entry import Action, Outcome
+from ledger.identities import COORDINATOR
 from ledger.store import Ledger
 from tasks import IntegrityError, StepError, models, prepared, privacy, transport
 from tasks.config import FederationConfig
@@ -26,7 +27,7 @@ from tasks.enrollment import open_sealed, seal
 from tasks.files import atomic_write, load_array, model_hash, save_array, sha256_file
 from tasks.messages import keys_job
 from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
-from tasks.site_run import COORDINATOR, SiteRun, step_log
+from tasks.site_run import SiteRun, step_log
 from tasks.strategy import FedAvg
 
 # ---------------------------------------------------------------- references between steps

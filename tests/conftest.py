@@ -32,16 +32,29 @@ def postgres_url() -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    """A fresh, empty ledger URL on each back end: a SQLite file, or a PostgreSQL schema of
-    its own (dropped afterwards) in the test database."""
+def new_url(request, tmp_path):
+    """A factory of fresh, empty ledger URLs on one back end: SQLite files, or PostgreSQL
+    schemas of their own (dropped afterwards) in the test database."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
+        made = iter(range(1_000_000))
+        yield lambda: f"sqlite:///{tmp_path}/ledger{next(made) or ''}.db"
         return
-    base = request.getfixturevalue("postgres_url")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    base = request.getfixturevalue("postgres_url").replace("+psycopg", "")
+    schemas: list[str] = []
+
+    def make() -> str:
+        schemas.append(f"t_{uuid.uuid4().hex[:12]}")
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schemas[-1]}")
+        return f"{POSTGRES_URL}?options=-csearch_path%3D{schemas[-1]}"
+
+    yield make
+    with psycopg.connect(base, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def url(new_url):
+    """A fresh, empty ledger URL on each back end (see `new_url`)."""
+    return new_url()

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from ledger import VerificationError, jcs, keys, note, verify
 from ledger.entry import Action, Event, leaf_hash
+from ledger.identities import Member, Role, Roster
 from ledger.store import Ledger
 
 SITE = keys.generate("site-a")
@@ -131,13 +132,13 @@ def same_as_single_loop(monkeypatch):
     give the same outcome and that the ranges did not fall back to the single loop."""
     monkeypatch.setattr(verify, "PARALLEL_MIN_ENTRIES", 1)
     single_loop: list[int] = []
-    real = verify.verify_source
+    real = verify._verify_source
 
     def spy(*args, **kwargs):
         single_loop.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(verify, "verify_source", spy)
+    monkeypatch.setattr(verify, "_verify_source", spy)
 
     def check(url: str, *, span: int = SPAN, fallback: bool = False, **kwargs):
         monkeypatch.setattr(verify, "_span_for", lambda entries, workers: span)
@@ -296,20 +297,24 @@ def test_the_ends_of_the_log(url, same_as_single_loop, tamper, expected):
     assert result[:2] == ("entry", expected), result
 
 
-def test_trusted_keys_and_pinned_checkpoints(url, same_as_single_loop, tmp_path):
+def pinned(site_key: bytes = SITE.public_key, *, dpo: bool = True) -> Roster:
+    members = [
+        Member(name="site-a", role=Role.SITE, public_key=site_key),
+        Member(name="coordinator", role=Role.COORDINATOR, public_key=COORD.public_key),
+        Member(name="dpo", role=Role.DPO, public_key=DPO.public_key),
+    ]
+    return Roster(members={m.name: m for m in members if dpo or m.name != "dpo"}, log_vkey=VKEY)
+
+
+def test_pinned_identities_and_checkpoints(url, same_as_single_loop, tmp_path):
     ledger = build(url)
     kept = ledger.checkpoints()[1][2]
-    good = same_as_single_loop(
-        url, trusted_keys={"site-a": SITE.public_key}, pinned_checkpoints=[kept]
-    )
-    assert isinstance(good, verify.Report)
-    assert same_as_single_loop(url, trusted_keys={"site-a": OTHER.public_key})[:2] == ("entry", 0)
-    assert same_as_single_loop(url, trusted_keys={"nobody": OTHER.public_key}).actors == (
-        "coordinator",
-        "dpo",
-        "nobody",
-        "site-a",
-    )
+    good = same_as_single_loop(url, roster=pinned(), pinned_checkpoints=[kept])
+    assert isinstance(good, verify.Report) and good.identities_pinned
+    assert same_as_single_loop(url, roster=pinned(OTHER.public_key))[:2] == ("entry", 0)
+    # The DPO erases at 19 after registering at 18, in a later range: not enrolled, it fails.
+    result = same_as_single_loop(url, roster=pinned(dpo=False))
+    assert result[:2] == ("entry", 18) and "'dpo' is not an enrolled identity" in result[2]
 
 
 _REAL_SCAN = verify._scan_range

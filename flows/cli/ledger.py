@@ -20,7 +20,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from flows.cli.common import Failure, cli_errors, out
+from flows.cli.common import Failure, cli_errors, err, out
 from ledger import LedgerError, VerificationError
 
 ledger_app = typer.Typer(
@@ -30,6 +30,14 @@ checkpoint_app = typer.Typer(help="Sign a checkpoint of the ledger now, or verif
 ledger_app.add_typer(checkpoint_app, name="checkpoint")
 
 LedgerUrl = Annotated[str, typer.Option("--ledger", help="Ledger URL, e.g. sqlite:///ledger.db")]
+IdentitiesFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--identities",
+        help="The enrolled identities: the federation file (or a TOML file with its "
+        "[identities] and [[sites]]). Without it, the ledger's own enrollment entries.",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 AsCsv = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
 DEFAULT_LOG_NAME = "medfed-log"
@@ -148,23 +156,45 @@ def ledger_verify(
     checkpoint: Annotated[
         list[Path] | None,
         typer.Option(
-            "--checkpoint", help="A checkpoint you kept earlier; the ledger must still contain it."
+            "--checkpoint",
+            help="A checkpoint you (or a site, as a witness) kept earlier; the ledger must "
+            "still contain it.",
         ),
     ] = None,
+    identities: Annotated[
+        Path | None,
+        typer.Option(
+            "--identities",
+            help="The enrolled identities (the federation file): any other actor, or an "
+            "actor writing outside its role, fails verification; pins the log key too.",
+        ),
+    ] = None,
+    witnesses: Annotated[
+        int,
+        typer.Option(
+            "--witnesses",
+            help="Require a checkpoint covering the whole log cosigned by this many enrolled "
+            "sites (needs --identities).",
+        ),
+    ] = 0,
     as_json: AsJson = False,
 ) -> None:
-    """Recompute chain, signatures, Merkle roots and checkpoints; exit 1 naming the first bad
-    entry or checkpoint."""
+    """Recompute chain, signatures, Merkle roots, checkpoints and cosignatures; exit 1 naming
+    the first bad entry or checkpoint. A pinned log key (--vkey or --identities) must have
+    signed a checkpoint covering the whole log."""
+    from ledger.identities import load_roster
     from ledger.verify import verify_bundle, verify_ledger
 
     if (ledger is None) == (bundle is None):
         raise Failure("give exactly one of --ledger URL and --bundle FILE", 2)
     pinned = [_read_text(p, "checkpoint file") for p in checkpoint or []]
     key = _vkey_arg(vkey)
+    roster = load_roster(identities) if identities is not None else None
+    pins = dict(vkey=key, roster=roster, pinned_checkpoints=pinned, witnesses=witnesses)
     if bundle is not None:
-        report = verify_bundle(bundle, vkey=key, pinned_checkpoints=pinned)
+        report = verify_bundle(bundle, **pins)
     else:
-        report = verify_ledger(ledger, vkey=key, pinned_checkpoints=pinned)
+        report = verify_ledger(ledger, **pins)
     doc = {
         "ok": True,
         "entries": report.entries,
@@ -174,7 +204,10 @@ def ledger_verify(
         "checkpoints": report.checkpoints,
         "checkpoint_size": report.checkpoint_size,
         "vkey": report.vkey,
-        "vkey_pinned": key is not None,
+        "vkey_pinned": key is not None or bool(roster and roster.log_vkey),
+        "identities_pinned": report.identities_pinned,
+        "cosignatures": report.cosignatures,
+        "witnesses": list(report.witnesses),
         "personal_fields": report.personal_fields,
         "erased_fields": report.erased_fields,
     }
@@ -186,10 +219,20 @@ def ledger_verify(
         f"Merkle root {report.root}; {report.checkpoints} checkpoints verified"
         + (f", latest at size {report.checkpoint_size}" if report.checkpoints else "")
     )
-    if report.checkpoints and key is None:
+    if report.checkpoints and key is None and not (roster and roster.log_vkey):
         out.print(
             "[yellow]checkpoint key taken from the ledger itself; pin it with --vkey "
             "for verification that does not trust the database[/yellow]"
+        )
+    if roster is None:
+        out.print(
+            "[yellow]identities not pinned: any actor that registered a key in the chain is "
+            "accepted; pass --identities FEDERATION.toml[/yellow]"
+        )
+    if report.witnesses:
+        out.print(
+            f"whole log cosigned by {len(report.witnesses)} witnesses: "
+            + ", ".join(report.witnesses)
         )
     if report.entries > report.checkpoint_size:
         out.print(
@@ -236,7 +279,7 @@ def checkpoint_sign(
 
     if not key.is_file():
         raise Failure(f"key file {key} does not exist", 2)
-    log = open_ledger(ledger)
+    log = open_ledger(ledger, write=True)
     stored = log.log_identity()
     signed = log.checkpoint(
         keys.load(name, key), origin or (stored[0] if stored else f"medfed.local/{name}")
@@ -279,12 +322,17 @@ def ledger_vkey(
     key: Annotated[Path | None, typer.Option("--key", help="An Ed25519 PEM key.")] = None,
     name: Annotated[str, typer.Option("--name", help="The key's name.")] = DEFAULT_LOG_NAME,
     ledger: Annotated[str | None, typer.Option("--ledger", help="Print the stored one.")] = None,
+    as_hex: Annotated[
+        bool, typer.Option("--hex", help="Print the raw public key (hex), e.g. to enroll a DPO.")
+    ] = False,
 ) -> None:
     """Print a C2SP verifier key, from a private key file or as the ledger stores it."""
     from ledger import keys, note
     from ledger.store import open_ledger
 
-    if key is not None:
+    if key is not None and as_hex:
+        sys.stdout.write(keys.load(name, key).public_key.hex() + "\n")
+    elif key is not None:
         sys.stdout.write(note.format_vkey(keys.load(name, key)) + "\n")
     elif ledger is not None:
         stored = open_ledger(ledger).log_identity()
@@ -405,15 +453,20 @@ def ledger_erase(
     key: Annotated[Path, typer.Option("--key", help="Ed25519 PEM key of the erasing party.")],
     name: Annotated[str, typer.Option("--name", help="That party's name.")] = "dpo",
     reason: Annotated[str, typer.Option("--reason")] = "GDPR Art. 17 request",
+    identities: IdentitiesFile = None,
 ) -> None:
     """Destroy a subject's erasable fields (salt + value) and record the erasure; every
-    signature, chain link, root and proof still verifies."""
+    signature, chain link, root and proof still verifies. With --identities, only the
+    enrolled DPO key may erase."""
     from ledger import keys
+    from ledger.identities import load_roster
     from ledger.store import open_ledger
 
     if not key.is_file():
         raise Failure(f"key file {key} does not exist", 2)
-    appended, count = open_ledger(ledger).erase(subject, keys.load(name, key), reason=reason)
+    roster = load_roster(identities) if identities is not None else None
+    log = open_ledger(ledger, write=True, roster=roster)
+    appended, count = log.erase(subject, keys.load(name, key), reason=reason)
     if appended is None:
         out.print("nothing to erase for that subject")
     else:
@@ -421,6 +474,38 @@ def ledger_erase(
 
 
 # ---------------------------------------------------------------- compliance queries
+
+
+def _screened(url: str, identities: Path | None) -> Any:
+    """The ledger for a query: entries screened against the pinned identities, else against
+    the ledger's own enrollment entries (weaker, but it already ignores an actor who only
+    registered a key of its own)."""
+    from ledger.identities import COORDINATOR, enrolled_in, load_roster
+    from ledger.store import open_ledger
+
+    if identities is not None:
+        return open_ledger(url, roster=load_roster(identities))
+    log = open_ledger(url)
+    own = log.events(actor=COORDINATOR, action="register_key") + log.events(
+        actor=COORDINATOR, action="enroll"
+    )
+    stored = log.log_identity()
+    roster = enrolled_in(
+        sorted(own, key=lambda b: b["seq"]), log_vkey=stored[1] if stored else None
+    )
+    if roster.members:
+        log.roster = roster
+    return log
+
+
+def _note_ignored(log: Any) -> None:
+    if log.ignored:
+        who = ", ".join(f"{actor} ({n})" for actor, n in sorted(log.ignored.items()))
+        err.print(
+            f"medfed: left out entries of actors not enrolled to write them: {who}",
+            markup=False,
+            highlight=False,
+        )
 
 
 @ledger_app.command("events")
@@ -436,15 +521,16 @@ def ledger_events(
     entity: Annotated[str | None, typer.Option(help="Artifact or dataset hash (prefix).")] = None,
     since: Annotated[str | None, typer.Option(help="ISO time, inclusive.")] = None,
     until: Annotated[str | None, typer.Option(help="ISO time, exclusive.")] = None,
+    identities: IdentitiesFile = None,
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
     """Events filtered by who / what / when / action / purpose."""
     from ledger import queries
-    from ledger.store import open_ledger
 
+    log = _screened(ledger, identities)
     rows = queries.events(
-        open_ledger(ledger),
+        log,
         actor=actor,
         action=action,
         site=site,
@@ -456,6 +542,7 @@ def ledger_events(
         until=until,
     )
     _emit(rows, as_json=as_json, as_csv=as_csv, title="ledger events")
+    _note_ignored(log)
 
 
 @ledger_app.command("spend")
@@ -465,14 +552,14 @@ def ledger_spend(
     site: Annotated[str | None, typer.Option()] = None,
     job: Annotated[str | None, typer.Option()] = None,
     history: Annotated[bool, typer.Option("--history", help="Every release, not totals.")] = False,
+    identities: IdentitiesFile = None,
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
     """Privacy budget per site: epsilon spent, budget, remaining (--history: over time)."""
     from ledger import queries
-    from ledger.store import open_ledger
 
-    log = open_ledger(ledger)
+    log = _screened(ledger, identities)
     if history or job:
         rows = queries.spend(log, site=site, job=job)
     else:
@@ -481,6 +568,7 @@ def ledger_spend(
             for row in queries.spend_summary(log, site=site)
         ]
     _emit(rows, as_json=as_json, as_csv=as_csv, title="privacy spend")
+    _note_ignored(log)
 
 
 def _recomputed_epsilon(log: Any, row: dict[str, Any]) -> float | None:
@@ -500,19 +588,22 @@ def _recomputed_epsilon(log: Any, row: dict[str, Any]) -> float | None:
 def ledger_data_use(
     ledger: LedgerUrl,
     site: Annotated[str | None, typer.Option()] = None,
+    identities: IdentitiesFile = None,
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
     """Which datasets (fingerprints), how many pseudonymous patients, which jobs and rounds."""
     from ledger import queries
-    from ledger.store import open_ledger
+
+    log = _screened(ledger, identities)
 
     _emit(
-        queries.data_use(open_ledger(ledger), site=site),
+        queries.data_use(log, site=site),
         as_json=as_json,
         as_csv=as_csv,
         title="data use",
     )
+    _note_ignored(log)
 
 
 @ledger_app.command("lineage")
@@ -520,19 +611,22 @@ def ledger_data_use(
 def ledger_lineage(
     model: Annotated[str, typer.Argument(help="Global model hash (or a unique prefix).")],
     ledger: LedgerUrl,
+    identities: IdentitiesFile = None,
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
     """A model version back to its rounds, site updates and datasets."""
     from ledger import queries
-    from ledger.store import open_ledger
+
+    log = _screened(ledger, identities)
 
     _emit(
-        queries.lineage(open_ledger(ledger), model),
+        queries.lineage(log, model),
         as_json=as_json,
         as_csv=as_csv,
         title=f"lineage of {model}",
     )
+    _note_ignored(log)
 
 
 @ledger_app.command("disclosures")
@@ -542,16 +636,19 @@ def ledger_disclosures(
     site: Annotated[str | None, typer.Option()] = None,
     since: Annotated[str | None, typer.Option()] = None,
     until: Annotated[str | None, typer.Option()] = None,
+    identities: IdentitiesFile = None,
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
     """Accounting of disclosures (45 CFR 164.528 style): date, recipient, description, purpose."""
     from ledger import queries
-    from ledger.store import open_ledger
+
+    log = _screened(ledger, identities)
 
     _emit(
-        queries.disclosures(open_ledger(ledger), site=site, since=since, until=until),
+        queries.disclosures(log, site=site, since=since, until=until),
         as_json=as_json,
         as_csv=as_csv,
         title="accounting of disclosures",
     )
+    _note_ignored(log)

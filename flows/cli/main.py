@@ -251,7 +251,7 @@ def audit_privacy(
 
     fed = load_config(config)
     if job is None:
-        commits = Ledger(fed.ledger_url).events(action="commit_round")
+        commits = Ledger(fed.ledger_url, roster=fed.roster()).events(action="commit_round")
         if not commits:
             raise Failure(f"the ledger {fed.ledger_url} has no committed round to audit", 2)
         job = commits[-1]["job"]
@@ -259,7 +259,7 @@ def audit_privacy(
 
     results = [audit_site(fed, job, load_site(sites / s.name)) for s in fed.sites]
     pooled = pooled_attack(results)
-    dp = Ledger(fed.ledger_url).events(job=job, action="train")
+    dp = Ledger(fed.ledger_url, roster=fed.roster()).events(job=job, action="train")
     epsilon = {e["site"]: (e.get("privacy") or {}).get("epsilon_cumulative") for e in dp}
     rows = [
         {
@@ -323,7 +323,7 @@ def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file."
     fed = load_config(config)
     fed.check_runnable()
     transport.check_writable(fed.artifact_store)
-    check_enrolled(Ledger(fed.ledger_url), fed)
+    check_enrolled(Ledger(fed.ledger_url, roster=fed.roster()), fed)
     create_secret_context(
         poly_modulus_degree=fed.ckks.poly_modulus_degree,
         coeff_mod_bit_sizes=fed.ckks.coeff_mod_bit_sizes,

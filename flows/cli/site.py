@@ -134,32 +134,63 @@ def coordinator_commands(app: typer.Typer) -> None:
     @cli_errors
     def register(
         config: Annotated[Path, typer.Argument(help="Federation TOML file.")],
-        enrollment: Annotated[Path, typer.Argument(help="A site's enrollment.json.")],
+        enrollment: Annotated[Path | None, typer.Argument(help="A site's enrollment.json.")] = None,
+        dpo: Annotated[
+            str | None,
+            typer.Option(
+                help="Enroll the DPO's Ed25519 public key (hex): the only key that erases."
+            ),
+        ] = None,
     ) -> None:
-        """Register a site from its enrollment file: its public keys go into the federation
-        file, and the registration into the ledger."""
-        from ledger.store import Ledger
+        """Register a site from its enrollment file (its public keys go into the federation
+        file, the registration into the ledger), and pin the coordinator's and the log's keys
+        in the file's [identities]; --dpo enrolls the data protection officer's key."""
         from tasks.config import load_config
         from tasks.coordinator_steps import (
             record_enrollment,
+            record_role_enrollment,
             site_entry_from_enrollment,
             site_entry_toml,
         )
-        from tasks.keyring import CoordinatorPaths, coordinator_identity
+        from tasks.keyring import (
+            CoordinatorPaths,
+            coordinator_identity,
+            identities_toml,
+            with_identities,
+        )
 
-        entry = site_entry_from_enrollment(enrollment)
-        text = config.read_text(encoding="utf-8")
-        if f'name = "{entry.name}"' in text.split("[[sites]]", 1)[-1] and "[[sites]]" in text:
-            raise Failure(f"{config} already lists site '{entry.name}'", 2)
-        config.write_text(text + site_entry_toml(entry), encoding="utf-8")
+        if enrollment is None and dpo is None:
+            raise Failure("give a site's enrollment.json, or --dpo KEY", 2)
+        original = config.read_text(encoding="utf-8")
+        text = original
+        entry = None
+        if enrollment is not None:
+            entry = site_entry_from_enrollment(enrollment)
+            if f'name = "{entry.name}"' in text.split("[[sites]]", 1)[-1] and "[[sites]]" in text:
+                raise Failure(f"{config} already lists site '{entry.name}'", 2)
+            text += site_entry_toml(entry)
         try:
+            config.write_text(text, encoding="utf-8")
+            paths = CoordinatorPaths(root=load_config(config).coordinator_root)
+            pinned = load_config(config).identities
+            keep_dpo = dpo if dpo is not None else (pinned.dpo if pinned else None)
+            config.write_text(
+                with_identities(text, identities_toml(paths, dpo=keep_dpo)), encoding="utf-8"
+            )
             fed = load_config(config)
         except Exception:
-            config.write_text(text, encoding="utf-8")  # nothing half-written
+            config.write_text(original, encoding="utf-8")  # nothing half-written
             raise
-        identity = coordinator_identity(CoordinatorPaths(root=fed.coordinator_root))
-        record_enrollment(Ledger(fed.ledger_url), identity, entry, fed.name)
-        out.print(f"registered site {entry.name} in {config} and on the ledger")
+        from ledger.store import Ledger
+
+        identity = coordinator_identity(paths)
+        ledger = Ledger(fed.ledger_url, roster=fed.roster())
+        if entry is not None:
+            record_enrollment(ledger, identity, entry, fed.name)
+            out.print(f"registered site {entry.name} in {config} and on the ledger")
+        if dpo is not None:
+            record_role_enrollment(ledger, identity, fed.name, role="dpo", name="dpo", key=dpo)
+            out.print(f"enrolled the DPO's key in {config} and on the ledger")
 
     @app.command("plan")
     @cli_errors
