@@ -111,10 +111,20 @@ def _run_training(config_path: Path, job: str | None, sites_dir: Path | None) ->
         report.removeHandler(handler)
 
 
-def _finish(summaries: list, ledger_url: str, resume: str) -> None:
+def _verify_hint(config: Path) -> str:
+    from tasks.config import load_config
+
+    fed = load_config(config)
+    return (
+        f"medfed ledger verify --ledger {fed.ledger_url} --identities {config} "
+        f"--witnesses {len(fed.sites)}"
+    )
+
+
+def _finish(summaries: list, config: Path, resume: str) -> None:
     if summaries and summaries[-1].status == "budget_exhausted":
         out.print(f"[yellow]Job stopped: {summaries[-1].message}[/yellow]")
-        out.print(f"Verify the record: medfed ledger verify --ledger {ledger_url}")
+        out.print(f"Verify the record: {_verify_hint(config)}")
         raise Failure(f"{summaries[-1].message}; resume later with: {resume}", 1)
     if summaries:
         last = summaries[-1]
@@ -122,7 +132,7 @@ def _finish(summaries: list, ledger_url: str, resume: str) -> None:
             f"Final weighted AUC {last.weighted_auc:.3f}, accuracy {last.weighted_accuracy:.3f}; "
             f"global model {last.model_hash[:16]}"
         )
-    out.print(f"Verify the record: medfed ledger verify --ledger {ledger_url}")
+    out.print(f"Verify the record: {_verify_hint(config)}")
 
 
 @app.command()
@@ -153,11 +163,7 @@ def demo(
     sites = workdir / "sites"
     with local_federation(config) if workers else nullcontext():
         summaries = _run_training(config, job, None if workers else sites)
-    _finish(
-        summaries,
-        f"sqlite:///{(workdir / 'ledger.db').resolve()}",
-        f"medfed run {config} --sites {sites}",
-    )
+    _finish(summaries, config, f"medfed run {config} --sites {sites}")
 
 
 @app.command("demo-data")
@@ -191,7 +197,7 @@ def run(
     """Run (or resume) a federation from its TOML file."""
     from tasks.config import load_config
 
-    fed = load_config(config)
+    load_config(config)  # bad input is one sentence before anything starts
     if sites is None and not os.environ.get("PREFECT_API_URL"):
         raise Failure(
             "sites run on their own Prefect workers: set PREFECT_API_URL to the Prefect server "
@@ -199,7 +205,7 @@ def run(
             2,
         )
     summaries = _run_training(config, job, sites)
-    _finish(summaries, fed.ledger_url, f"medfed run {config} --job {job or '<job>'}")
+    _finish(summaries, config, f"medfed run {config} --job {job or '<job>'}")
 
 
 @app.command()
