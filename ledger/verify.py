@@ -285,7 +285,6 @@ def _report(
 ) -> Report:
     """The checks after the entries (actor table, erasable fields, checkpoints, cosignatures),
     once they all verify."""
-    _check_actor_table(source.actor_table, keys)
     present, erased_count = _check_payloads(source.payloads, commitments, erased)
     vkey = pins.log_vkey
     checked = _check_checkpoints(
@@ -295,6 +294,7 @@ def _report(
     if vkey is not None:
         _check_covered(size, notes)
     cosigned = _check_cosignatures(source.cosignatures, notes, pins)
+    _check_actor_table(source.actor_table, keys)
     covering = sorted(cosigned.get(size, ()))
     if pins.witnesses and len(covering) < pins.witnesses:
         best = max(cosigned.items(), key=lambda kv: (len(kv[1]), kv[0]), default=(0, set()))

@@ -60,10 +60,10 @@ def check_log(ledger: Ledger, *, vkey: str, origin: str, kept: str | None) -> Lo
         raise WitnessError(f"the ledger is not whole: {exc}") from exc
     if kept_cp is not None:
         if latest is None or latest.size < kept_cp.size:
+            newest = f"covers {latest.size} entries" if latest else "is gone (none is stored)"
             raise WitnessError(
-                f"the ledger's newest checkpoint covers {latest.size if latest else 0} entries, "
-                f"fewer than the {kept_cp.size} of the checkpoint this site cosigned: the log "
-                "was truncated or rolled back"
+                f"the ledger's newest checkpoint {newest}, fewer than the {kept_cp.size} of the "
+                "checkpoint this site cosigned: the log was truncated or rolled back"
             )
         if kept_cp.size > len(hashes):
             raise WitnessError(
