@@ -104,5 +104,6 @@ done
 echo "workers: ${SITES[*]}"
 
 "$BIN/medfed" run "$FED"
-"$BIN/medfed" ledger verify --ledger "sqlite:///$W/ledger.db" >/dev/null
-echo "ledger: sqlite:///$W/ledger.db (verified)"
+"$BIN/medfed" ledger verify --ledger "sqlite:///$W/ledger.db" --identities "$FED" \
+  --witnesses "${#SITES[@]}" >/dev/null
+echo "ledger: sqlite:///$W/ledger.db (verified: enrolled identities, cosigned by every site)"

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from flows.demo import prepare_demo
-from flows.dispatch import InProcessDispatcher
-from flows.round import RoundSummary, federated_round, run_round
+from flows.dispatch import InProcessDispatcher, WorkerDispatcher
+from flows.round import RoundSummary, federated_round, run_round, witness
 from flows.training import federated_training, prepare_sites, start_job
 from ledger.bench import run as ledger_bench
 from ledger.store import Ledger
@@ -93,6 +93,16 @@ def prepared_job(fed: FederationConfig, job: str, sites_dir: Path | None) -> tup
     return CoordinatorRun(fed=fed, job=job, round=1), state
 
 
+def timed_witness(fed: FederationConfig, job: str, dispatcher: Any) -> float:
+    """Seconds for every site to check and cosign the checkpoint of round 1 of `job`."""
+    sites = [s.name for s in fed.sites]
+    start = time.perf_counter()
+    cosigned = witness(CoordinatorRun(fed=fed, job=job, round=1), dispatcher, sites, log)
+    if len(cosigned) != len(sites):
+        raise StepError(f"bench: only {len(cosigned)} of {len(sites)} sites cosigned")
+    return time.perf_counter() - start
+
+
 def round_figures(config: Path) -> dict[str, float]:
     fed = load_config(config)
     sites_dir = config.parent / "sites"
@@ -107,6 +117,7 @@ def round_figures(config: Path) -> dict[str, float]:
         summary = federated_round(str(config), "bench-prefect", 1, str(sites_dir))
         through_prefect = time.perf_counter() - start
     require_every_site_trained(summary, "Prefect")
+    witnessed = timed_witness(fed, "bench-prefect", InProcessDispatcher(sites_dir))
 
     run, state = prepared_job(fed, "bench-direct", sites_dir)
     start = time.perf_counter()
@@ -118,6 +129,7 @@ def round_figures(config: Path) -> dict[str, float]:
         "round_wall_seconds": through_prefect,
         "in_process_round_seconds": through_prefect,
         "round_direct_seconds": direct,
+        "in_process_witness_seconds": witnessed,
         "prefect_overhead_fraction": (through_prefect - direct) / through_prefect,
         # The ledger's own work (CPU time of every append, query and checkpoint) per second
         # of round; and the wall time inside those calls, summed over the sites' parallel
@@ -137,10 +149,14 @@ def distributed_figures(config: Path, in_process: float) -> dict[str, float]:
         start = time.perf_counter()
         summary = federated_round(str(config), "bench-workers", 1, None)
         distributed = time.perf_counter() - start
-    require_every_site_trained(summary, "distributed")
+        require_every_site_trained(summary, "distributed")
+        witnessed = timed_witness(fed, "bench-workers", WorkerDispatcher())
     return {
         "distributed_round_seconds": distributed,
         "distributed_over_in_process_round_ratio": distributed / in_process,
+        # A round that is not a job's last is followed by a witness phase (each site checks
+        # and cosigns the new checkpoint): one more dispatch per site, in parallel.
+        "distributed_witness_seconds": witnessed,
         # Two phases (train, evaluate) per site, run in parallel: the extra wall time of one.
         "dispatch_seconds_per_site_phase": (distributed - in_process) / 2,
     }

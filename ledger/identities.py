@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import LedgerError
 from ledger import keys as _keys
@@ -154,8 +158,10 @@ class Roster:
             return Verdict(Judgement.IGNORE, reason)
         assert member is not None
         try:
-            _keys.verify(member.public_key, body, base64.b64decode(signature, validate=True))
-        except (LedgerError, ValueError, binascii.Error):
+            _verifier(member.public_key).verify(
+                base64.b64decode(signature, validate=True), body
+            )
+        except (InvalidSignature, ValueError, binascii.Error):
             return Verdict(
                 Judgement.FORGED, f"its signature is not {member.name!r}'s over its body"
             )
@@ -207,6 +213,11 @@ def enrolled_in(bodies: Iterable[Mapping[str, Any]], *, log_vkey: str | None) ->
 
 
 # ---------------------------------------------------------------- reading a roster
+
+
+@functools.lru_cache(maxsize=256)
+def _verifier(public_key: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(public_key)
 
 
 def roster_from_mapping(doc: Mapping[str, Any], *, source: str = "identities") -> Roster:
