@@ -317,9 +317,9 @@ class Ledger:
                         E.c.signature,
                     ).where(E.c.idempotency_key.in_(chunk))
                 ):
-                    if self.roster is not None and actor in self.roster.members:
-                        self._check_own(s, key, body, sig)
-                    existing[(key, actor)] = (s, h)
+                    owner = self._owner(s, key, actor, body, sig)
+                    if owner is not None:
+                        existing[(key, owner)] = (s, h)
             names = sorted({signer.name for _, signer in items})
             actors = dict(
                 conn.execute(select(A.c.name, A.c.public_key).where(A.c.name.in_(names))).all()
@@ -385,16 +385,21 @@ class Ledger:
                 conn.execute(insert(P), payload_rows)
         return results
 
-    def _check_own(self, seq: int, key: str, body: str, signature: str) -> None:
-        """An entry under an idempotency key an enrolled actor is about to reuse must really
-        be that actor's: a forged one would make its step look done."""
-        assert self.roster is not None
-        verdict = self.roster.judge(json.loads(body), body.encode(), signature)
+    def _owner(self, seq: int, key: str, actor: str, body: str, signature: str) -> str | None:
+        """Whose step an entry already stored under an idempotency key records: its actor
+        column, or with a roster the enrolled actor that signed it (None: nobody's, so it
+        stands in for no one's step). An entry naming an enrolled actor that did not sign it
+        would make that actor's step look done: it raises."""
+        if self.roster is None:
+            return actor
+        fields = json.loads(body)
+        verdict = self.roster.judge(fields, body.encode(), signature)
         if verdict.judgement == Judgement.FORGED:
             raise VerificationError(
                 f"entry {seq}, stored under the idempotency key {key!r}, does not verify: "
                 f"{verdict.reason} (run `medfed ledger verify`)"
             )
+        return fields["actor"] if verdict.judgement == Judgement.ADMIT else None
 
     def checkpoint(
         self,
