@@ -158,9 +158,7 @@ class Roster:
             return Verdict(Judgement.IGNORE, reason)
         assert member is not None
         try:
-            _verifier(member.public_key).verify(
-                base64.b64decode(signature, validate=True), body
-            )
+            _verifier(member.public_key).verify(base64.b64decode(signature, validate=True), body)
         except (InvalidSignature, ValueError, binascii.Error):
             return Verdict(
                 Judgement.FORGED, f"its signature is not {member.name!r}'s over its body"

@@ -292,97 +292,103 @@ class Ledger:
 
         Every entry is signed by its own actor; a signer not yet known gets a self-signed
         `register_key` entry in the chain just before its first event."""
-        results: list[Appended] = []
         if not items:
-            return results
+            return []
         with self._write_txn() as conn:
-            tail = conn.execute(
-                select(E.c.seq, E.c.entry_hash).order_by(E.c.seq.desc()).limit(1)
-            ).first()
-            seq = tail.seq + 1 if tail else 0
-            prev = bytes.fromhex(tail.entry_hash) if tail else GENESIS_HASH
-            # Idempotency keys are per actor: an entry someone else wrote under a key never
-            # makes this actor's step look done.
-            existing: dict[tuple[str, str], tuple[int, str]] = {}
-            wanted = sorted({ev.idempotency_key for ev, _ in items})
-            for i in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[i : i + _IN_CHUNK]
-                for key, s, h, actor, body, sig in conn.execute(
-                    select(
-                        E.c.idempotency_key,
-                        E.c.seq,
-                        E.c.entry_hash,
-                        E.c.actor,
-                        E.c.body,
-                        E.c.signature,
-                    ).where(E.c.idempotency_key.in_(chunk))
-                ):
-                    owner = self._owner(s, key, actor, body, sig)
-                    if owner is not None:
-                        existing[(key, owner)] = (s, h)
-            names = sorted({signer.name for _, signer in items})
-            actors = dict(
-                conn.execute(select(A.c.name, A.c.public_key).where(A.c.name.in_(names))).all()
+            return self._append(conn, items)
+
+    def _append(
+        self, conn: Connection, items: Sequence[tuple[Event, _keys.Identity]]
+    ) -> list[Appended]:
+        """append_many inside a transaction that holds the write lock."""
+        results: list[Appended] = []
+        tail = conn.execute(
+            select(E.c.seq, E.c.entry_hash).order_by(E.c.seq.desc()).limit(1)
+        ).first()
+        seq = tail.seq + 1 if tail else 0
+        prev = bytes.fromhex(tail.entry_hash) if tail else GENESIS_HASH
+        # Idempotency keys are per actor: an entry someone else wrote under a key never
+        # makes this actor's step look done.
+        existing: dict[tuple[str, str], tuple[int, str]] = {}
+        wanted = sorted({ev.idempotency_key for ev, _ in items})
+        for i in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[i : i + _IN_CHUNK]
+            for key, s, h, actor, body, sig in conn.execute(
+                select(
+                    E.c.idempotency_key,
+                    E.c.seq,
+                    E.c.entry_hash,
+                    E.c.actor,
+                    E.c.body,
+                    E.c.signature,
+                ).where(E.c.idempotency_key.in_(chunk))
+            ):
+                owner = self._owner(s, key, actor, body, sig)
+                if owner is not None:
+                    existing[(key, owner)] = (s, h)
+        names = sorted({signer.name for _, signer in items})
+        actors = dict(
+            conn.execute(select(A.c.name, A.c.public_key).where(A.c.name.in_(names))).all()
+        )
+        entry_rows: list[dict[str, Any]] = []
+        payload_rows: list[dict[str, Any]] = []
+        actor_rows: list[dict[str, Any]] = []
+
+        def add(ev: Event, signer: _keys.Identity) -> SealedEntry:
+            nonlocal seq, prev
+            recorded = utc_now()
+            sealed = seal(ev, signer, seq=seq, prev_hash=prev, recorded=recorded)
+            if self.roster is not None:
+                reason = self.roster.refusal(json.loads(sealed.body))
+                if reason is not None:
+                    raise LedgerError(f"refusing to write a '{ev.action}' entry: {reason}")
+            entry_rows.append(_row(sealed, ev, recorded))
+            payload_rows.extend(
+                {
+                    "seq": seq,
+                    "field": p.field,
+                    "subject": p.subject,
+                    "salt": p.salt.hex(),
+                    "value": p.value,
+                }
+                for p in sealed.payloads
             )
-            entry_rows: list[dict[str, Any]] = []
-            payload_rows: list[dict[str, Any]] = []
-            actor_rows: list[dict[str, Any]] = []
+            existing[(ev.idempotency_key, ev.actor)] = (seq, sealed.entry_hash.hex())
+            seq, prev = seq + 1, sealed.entry_hash
+            return sealed
 
-            def add(ev: Event, signer: _keys.Identity) -> SealedEntry:
-                nonlocal seq, prev
-                recorded = utc_now()
-                sealed = seal(ev, signer, seq=seq, prev_hash=prev, recorded=recorded)
-                if self.roster is not None:
-                    reason = self.roster.refusal(json.loads(sealed.body))
-                    if reason is not None:
-                        raise LedgerError(f"refusing to write a '{ev.action}' entry: {reason}")
-                entry_rows.append(_row(sealed, ev, recorded))
-                payload_rows.extend(
+        for ev, signer in items:
+            if (ev.idempotency_key, ev.actor) in existing:
+                s, h = existing[(ev.idempotency_key, ev.actor)]
+                results.append(Appended(seq=s, entry_hash=h, created=False))
+                continue
+            public_hex = signer.public_key.hex()
+            known = actors.get(signer.name)
+            if known is None:
+                actors[signer.name] = public_hex
+                actor_rows.append(
                     {
-                        "seq": seq,
-                        "field": p.field,
-                        "subject": p.subject,
-                        "salt": p.salt.hex(),
-                        "value": p.value,
+                        "name": signer.name,
+                        "public_key": public_hex,
+                        "key_id": signer.key_id.hex(),
                     }
-                    for p in sealed.payloads
                 )
-                existing[(ev.idempotency_key, ev.actor)] = (seq, sealed.entry_hash.hex())
-                seq, prev = seq + 1, sealed.entry_hash
-                return sealed
-
-            for ev, signer in items:
-                if (ev.idempotency_key, ev.actor) in existing:
-                    s, h = existing[(ev.idempotency_key, ev.actor)]
-                    results.append(Appended(seq=s, entry_hash=h, created=False))
-                    continue
-                public_hex = signer.public_key.hex()
-                known = actors.get(signer.name)
-                if known is None:
-                    actors[signer.name] = public_hex
-                    actor_rows.append(
-                        {
-                            "name": signer.name,
-                            "public_key": public_hex,
-                            "key_id": signer.key_id.hex(),
-                        }
-                    )
-                    add(registration(signer, ev.job), signer)
-                elif known != public_hex:
-                    raise LedgerError(
-                        f"actor {signer.name!r} is registered with a different key on this "
-                        "ledger (or its actor table was altered: run `medfed ledger verify`)"
-                    )
-                sealed = add(ev, signer)
-                results.append(
-                    Appended(seq=sealed.seq, entry_hash=sealed.entry_hash.hex(), created=True)
+                add(registration(signer, ev.job), signer)
+            elif known != public_hex:
+                raise LedgerError(
+                    f"actor {signer.name!r} is registered with a different key on this "
+                    "ledger (or its actor table was altered: run `medfed ledger verify`)"
                 )
-            if actor_rows:
-                conn.execute(insert(A), actor_rows)
-            if entry_rows:
-                conn.execute(insert(E), entry_rows)
-            if payload_rows:
-                conn.execute(insert(P), payload_rows)
+            sealed = add(ev, signer)
+            results.append(
+                Appended(seq=sealed.seq, entry_hash=sealed.entry_hash.hex(), created=True)
+            )
+        if actor_rows:
+            conn.execute(insert(A), actor_rows)
+        if entry_rows:
+            conn.execute(insert(E), entry_rows)
+        if payload_rows:
+            conn.execute(insert(P), payload_rows)
         return results
 
     def _owner(self, seq: int, key: str, actor: str, body: str, signature: str) -> str | None:
@@ -491,8 +497,9 @@ class Ledger:
     ) -> tuple[Appended | None, int]:
         """Destroy the salts and values of `subject`'s personal fields and record the erasure.
 
-        The erasure entry lists (seq, field) pairs, never the subject. Returns the entry (None
-        when the subject has nothing left to erase) and the number of fields destroyed."""
+        The erasure entry lists (seq, field) pairs, never the subject; it is written in the
+        same transaction that destroys them. Returns the entry (None when the subject has
+        nothing left to erase) and the number of fields destroyed."""
         with self._write_txn() as conn:
             found = conn.execute(
                 select(P.c.seq, P.c.field)
@@ -501,21 +508,20 @@ class Ledger:
             ).all()
             if not found:
                 return None, 0
-            conn.execute(P.delete().where(P.c.subject == subject))
-        erased = [{"seq": s, "field": f} for s, f in found]
-        key = "erase/" + leaf_hash(json.dumps(erased).encode()).hex()
-        appended = self.append(
-            Event(
+            erased = [{"seq": s, "field": f} for s, f in found]
+            event_ = Event(
                 actor=signer.name,
                 action=Action.ERASE,
                 job=job,
-                idempotency_key=key,
+                idempotency_key="erase/" + leaf_hash(json.dumps(erased).encode()).hex(),
                 legal_basis="GDPR Art. 17",
                 purpose="PATRQT",  # HL7 PurposeOfUse: patient requested
                 details={"erased": erased, "reason": reason},
-            ),
-            signer,
-        )
+            )
+            # One transaction: the fields are gone only if the signed erasure is written
+            # (a signer the roster refuses erases nothing).
+            conn.execute(P.delete().where(P.c.subject == subject))
+            (appended,) = self._append(conn, [(event_, signer)])
         return appended, len(found)
 
     def add_cosignature(self, size: int, witness: str, line: str) -> None:

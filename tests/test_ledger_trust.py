@@ -423,3 +423,52 @@ def _digest(url: str) -> str:
         for table in ("ledger_entry", "ledger_checkpoint", "ledger_cosignature", "ledger_actor"):
             rows.append(conn.execute(text(f"SELECT * FROM {table} ORDER BY 1, 2")).all())
     return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- enrolling the DPO
+
+
+def test_only_the_enrolled_dpo_key_erases(tmp_path):
+    from fedhelp import tabular_federation
+    from typer.testing import CliRunner
+
+    from flows.cli.main import app
+    from tasks.config import load_config
+    from tasks.synthetic import write_tabular_cohort
+
+    a = write_tabular_cohort(tmp_path / "a.csv", n_patients=40, seed=1)
+    b = write_tabular_cohort(tmp_path / "b.csv", n_patients=40, seed=2)
+    config = tabular_federation(tmp_path, {"clinic-a": (a, None), "clinic-b": (b, None)})
+    dpo_pem, impostor_pem = tmp_path / "dpo.pem", tmp_path / "other.pem"
+    keys.save(DPO, dpo_pem)
+    keys.save(keys.generate("dpo"), impostor_pem)
+    run = CliRunner().invoke
+    result = run(app, ["ledger", "vkey", "--key", str(dpo_pem), "--hex"])
+    assert result.exit_code == 0 and result.stdout.strip() == DPO.public_key.hex()
+    result = run(app, ["register", str(config), "--dpo", DPO.public_key.hex()])
+    assert result.exit_code == 0, result.output
+    fed = load_config(config)
+    assert fed.identities.dpo == DPO.public_key.hex()
+    Ledger(fed.ledger_url, roster=fed.roster()).append(
+        Event(
+            actor="clinic-a",
+            action=Action.PREPROCESS,
+            job="j",
+            site="clinic-a",
+            idempotency_key="j/pre",
+            personal={"note": "asked by patient"},
+            subject="subject-1",
+        ),
+        keys.load("clinic-a", tmp_path / "sites/clinic-a/keys/identity.pem"),
+    )
+    erase = ["ledger", "erase", "--ledger", fed.ledger_url, "--subject", "subject-1",
+             "--identities", str(config), "--key"]  # fmt: skip
+    refused = run(app, [*erase, str(impostor_pem)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "not signed with the key enrolled for 'dpo'" in said
+    assert Ledger(fed.ledger_url).payloads()  # nothing erased
+    done = run(app, [*erase, str(dpo_pem)])
+    assert done.exit_code == 0, done.output
+    assert not Ledger(fed.ledger_url).payloads()
+    enrolled = Ledger(fed.ledger_url).events(action="enroll")
+    assert any(e["details"].get("role") == "dpo" for e in enrolled)
