@@ -24,8 +24,8 @@ import torch
 
 from flows.demo import prepare_demo
 from flows.dispatch import InProcessDispatcher, WorkerDispatcher
-from flows.round import RoundSummary, federated_round, run_round, witness
-from flows.training import federated_training, prepare_sites, start_job
+from flows.round import RoundSummary, federated_round, run_round
+from flows.training import federated_training, prepare_sites, start_job, witness
 from ledger.bench import run as ledger_bench
 from ledger.store import Ledger
 from tasks import StepError, models, secure_agg
@@ -154,8 +154,8 @@ def distributed_figures(config: Path, in_process: float) -> dict[str, float]:
     return {
         "distributed_round_seconds": distributed,
         "distributed_over_in_process_round_ratio": distributed / in_process,
-        # A round that is not a job's last is followed by a witness phase (each site checks
-        # and cosigns the new checkpoint): one more dispatch per site, in parallel.
+        # A job's end is followed by a witness phase (each site checks and cosigns the final
+        # checkpoint): one more dispatch per site, in parallel, once per job.
         "distributed_witness_seconds": witnessed,
         # Two phases (train, evaluate) per site, run in parallel: the extra wall time of one.
         "dispatch_seconds_per_site_phase": (distributed - in_process) / 2,

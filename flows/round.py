@@ -148,34 +148,6 @@ def site_refs(prepared: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def witness(
-    run: CoordinatorRun,
-    dispatcher: Dispatcher,
-    sites: list[str],
-    logger: logging.Logger | logging.LoggerAdapter,
-) -> list[str]:
-    """Every participating site checks the checkpoint just signed against the one it cosigned
-    last, then cosigns it (C2SP tlog-cosignature). Returns the sites that cosigned; a site
-    that finds the ledger does not extend what it saw fails the job."""
-    outcomes = dispatcher.run(phase_call(run, Phase.WITNESS, sites), sites)
-    cosigned = [s for s in sites if outcomes[s].outcome == Outcome.COMPLETED]
-    objections = []
-    for s in sites:
-        o = outcomes[s]
-        if o.outcome == Outcome.COMPLETED:
-            continue
-        logger.warning("site %s did not cosign the checkpoint: %s", s, o.reason or o.outcome)
-        if o.report is not None and o.report.data.get("refused") == "ledger":
-            objections.append(s)
-    logger.info("ledger checkpoint cosigned by %d of %d sites", len(cosigned), len(sites))
-    if objections:
-        raise WorkFailed(
-            f"sites {', '.join(objections)} found that the ledger does not extend the "
-            "checkpoint they cosigned: it was truncated or rewritten (run `medfed ledger verify`)"
-        )
-    return cosigned
-
-
 def global_model(run: CoordinatorRun) -> GlobalModel:
     """The model round `run.round` starts from, with every aggregate that built it."""
     aggregates, model = [], ""
@@ -258,8 +230,6 @@ def run_round(
         evaluations=reports,
         aggregate_ref=agg,
     )
-    if r < fed.rounds:  # after the last round, the job's end is checkpointed and witnessed
-        witness(run, dispatcher, [s for s in active if s not in dropped], logger)
     overall = weighted(
         [
             Metrics(auc=e.data["auc"], accuracy=e.data["accuracy"], n=e.data["heldout"])

@@ -16,14 +16,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.dispatch import Outcome
+from flows.dispatch import Dispatcher, Outcome
 from flows.round import (
     RoundSummary,
     dispatcher_for,
     federated_round,
     phase_call,
     record_drops,
-    witness,
 )
 from ledger.entry import Action
 from tasks import WorkFailed
@@ -118,6 +117,35 @@ def prepare_sites(run: CoordinatorRun, sites_dir: str | None, logger) -> dict:
     public_ckks(run, state)  # checks the key holder's signature; keeps the public context
     run.paths.save_state(run.job, "prepare", state)
     return state
+
+
+def witness(
+    run: CoordinatorRun,
+    dispatcher: Dispatcher,
+    sites: list[str],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> list[str]:
+    """Every site checks the checkpoint just signed (the job's end) against the one it cosigned
+    last, then cosigns it (C2SP tlog-cosignature); a round's checkpoint is cosigned as the
+    next round's phases begin. Returns the sites that cosigned; a site that finds the ledger
+    does not extend what it saw fails the job."""
+    outcomes = dispatcher.run(phase_call(run, Phase.WITNESS, sites), sites)
+    cosigned = [s for s in sites if outcomes[s].outcome == Outcome.COMPLETED]
+    objections = []
+    for s in sites:
+        o = outcomes[s]
+        if o.outcome == Outcome.COMPLETED:
+            continue
+        logger.warning("site %s did not cosign the checkpoint: %s", s, o.reason or o.outcome)
+        if o.report is not None and o.report.data.get("refused") == "ledger":
+            objections.append(s)
+    logger.info("ledger checkpoint cosigned by %d of %d sites", len(cosigned), len(sites))
+    if objections:
+        raise WorkFailed(
+            f"sites {', '.join(objections)} found that the ledger does not extend the "
+            "checkpoint they cosigned: it was truncated or rewritten (run `medfed ledger verify`)"
+        )
+    return cosigned
 
 
 @flow(name="federated_training", flow_run_name=_run_name, persist_result=False)

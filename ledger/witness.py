@@ -45,6 +45,7 @@ class LogView:
     checkpoint: note.Checkpoint | None
     note: str | None
     entries: int
+    kept: note.Checkpoint | None = None  # what the witness had cosigned before
 
 
 def check_log(ledger: Ledger, *, vkey: str, origin: str, kept: str | None) -> LogView:
@@ -83,7 +84,9 @@ def check_log(ledger: Ledger, *, vkey: str, origin: str, kept: str | None) -> Lo
                 f"the entries 0..{cp.size - 1} no longer hash to the {what} checkpoint's root: "
                 "the log was rewritten or forked"
             )
-    return LogView(checkpoint=latest, note=stored[1] if stored else None, entries=len(hashes))
+    return LogView(
+        checkpoint=latest, note=stored[1] if stored else None, entries=len(hashes), kept=kept_cp
+    )
 
 
 def cosign_newest(
@@ -97,10 +100,12 @@ def cosign_newest(
 ) -> Cosigned | None:
     """Check the log (`check_log`), cosign its newest checkpoint, store the cosignature in the
     ledger, and return it with the cosigned note for the witness to keep (None: the ledger
-    has no checkpoint yet)."""
+    has no checkpoint yet, or none newer than the one this witness cosigned)."""
     view = check_log(ledger, vkey=vkey, origin=origin, kept=kept)
     if view.checkpoint is None or view.note is None:
         return None
+    if view.kept is not None and view.kept.size == view.checkpoint.size:
+        return None  # the same checkpoint (check_log proved the roots equal): cosigned already
     body = note.format_checkpoint(view.checkpoint)
     signed = cosignature.cosign(body, identity, timestamp=timestamp)
     line = cosignature.signature_line(signed)

@@ -44,7 +44,7 @@ from tasks.site_steps import (
     train,
     upload,
 )
-from tasks.witness import check_ledger, cosign
+from tasks.witness import cosign
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"():,]+)+")
 
@@ -163,8 +163,8 @@ def run_site_phase(instruction: str, site_root: str | Path, *, call: Call = dire
         Phase.WITNESS: witness_phase,
     }
     try:
-        if run.instr.phase != Phase.WITNESS:  # the witness phase checks as it cosigns
-            check_ledger(run)
+        if run.instr.phase != Phase.WITNESS:
+            cosign(run)  # the ledger extends what this site saw; a new checkpoint cosigned
         status, reason, data = phases[run.instr.phase](run, call)
     except WitnessError as exc:
         # Written to nothing but the report: a ledger that lost or changed what this site
