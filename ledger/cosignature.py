@@ -44,7 +44,9 @@ from ledger.note import (
     _b64decode,
     _is_valid_name,
     parse_checkpoint,
+    split_note,
 )
+from ledger.note import parse_signature_line as _note_signature_line
 
 ALG_COSIGNATURE_V1 = 0x04
 COSIGNATURE_HEADER = "cosignature/v1\n"
@@ -227,26 +229,13 @@ def _split(note_text: str) -> tuple[str, list[str]]:
     """(body, signature lines without newlines) of a signed note, as note.open_note splits."""
     if not isinstance(note_text, str) or len(note_text) > MAX_NOTE_BYTES:
         raise NoteFormatError(f"a signed note is text of at most {MAX_NOTE_BYTES} bytes")
-    split = note_text.rfind("\n\n")
-    if split < 0:
-        raise NoteFormatError("note has no blank line before its signatures")
-    body, block = note_text[: split + 1], note_text[split + 2 :]
-    if not block or not block.endswith("\n"):
-        raise NoteFormatError("note must end with signature lines, each ending in a newline")
-    return body, block[:-1].split("\n")
+    return split_note(note_text)
 
 
 def _parse_line(line: str) -> tuple[str, bytes]:
-    """(name, decoded blob) of one signature line without its newline; NoteFormatError unless
-    it is "— <valid name> <canonical base64 of more than a key ID>"."""
-    if not line.startswith(SIGNATURE_PREFIX):
-        raise NoteFormatError("a signature line starts with an em dash and a space")
-    name, _, encoded = line[len(SIGNATURE_PREFIX) :].partition(" ")
-    _check_name(name)
-    blob = _b64decode(encoded, what="signature")
-    if len(blob) <= KEY_ID_SIZE:
-        raise NoteFormatError("signature is too short")
-    return name, blob
+    """(name, decoded blob: key ID and the rest) of one signature line without its newline."""
+    name, key_id, rest = _note_signature_line(line)
+    return name, key_id + rest
 
 
 def _from_blob(name: str, blob: bytes) -> Cosignature:

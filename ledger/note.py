@@ -169,20 +169,14 @@ def open_note(text: str, verifiers: Sequence[Verifier]) -> tuple[str, list[str]]
     _check_text(text)
     if len(text.encode()) > MAX_NOTE_BYTES:
         raise NoteFormatError(f"note is over {MAX_NOTE_BYTES} bytes")
-    split = text.rfind("\n\n")
-    if split < 0:
-        raise NoteFormatError("note has no blank line before its signatures")
-    body, block = text[: split + 1], text[split + 2 :]
-    if not block or not block.endswith("\n"):
-        raise NoteFormatError("note must end with signature lines, each ending in a newline")
-    lines = block[:-1].split("\n")
+    body, lines = split_note(text)
     if len(lines) > MAX_SIGNATURES:
         raise NoteFormatError(f"note has more than {MAX_SIGNATURES} signatures")
 
     message = body.encode()
     verified: list[str] = []
     for line in lines:
-        name, sig_key_id, signature = _parse_signature_line(line)
+        name, sig_key_id, signature = parse_signature_line(line)
         verifier = known.get((name, sig_key_id))
         if verifier is None:
             continue  # unknown key: ignored, as the spec requires
@@ -217,7 +211,19 @@ def verify_checkpoint(text: str, vkey: str, *, origin: str | None = None) -> Che
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _parse_signature_line(line: str) -> tuple[str, bytes, bytes]:
+def split_note(text: str) -> tuple[str, list[str]]:
+    """(body, signature lines without their newlines) of a signed note."""
+    split = text.rfind("\n\n")
+    if split < 0:
+        raise NoteFormatError("note has no blank line before its signatures")
+    body, block = text[: split + 1], text[split + 2 :]
+    if not block or not block.endswith("\n"):
+        raise NoteFormatError("note must end with signature lines, each ending in a newline")
+    return body, block[:-1].split("\n")
+
+
+def parse_signature_line(line: str) -> tuple[str, bytes, bytes]:
+    """(key name, key ID, signature) of one signature line without its newline."""
     if not line.startswith(SIGNATURE_PREFIX):
         raise NoteFormatError("signature line must start with an em dash and a space")
     name, _, encoded = line[len(SIGNATURE_PREFIX) :].partition(" ")
@@ -288,8 +294,10 @@ __all__ = [
     "format_checkpoint",
     "format_vkey",
     "open_note",
+    "parse_signature_line",
     "parse_checkpoint",
     "parse_vkey",
     "sign_note",
+    "split_note",
     "verify_checkpoint",
 ]
