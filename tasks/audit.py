@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ledger.entry import Action
-from tasks import StepError, ingest, models
+from tasks import StepError, models, prepared
 from tasks.config import FederationConfig
 from tasks.files import load_array
 from tasks.site import Site
@@ -111,7 +111,7 @@ def audit_site(fed: FederationConfig, job: str, site: Site) -> SiteAudit:
     for path, what in ((cache, "prepared data"), (model_path, "global model")):
         if not path.exists():
             raise StepError(f"site {site.name} has no {what} for job '{job}'")
-    ds = ingest.load_prepared(cache)
+    ds = prepared.load_prepared(cache)
     features = int(ds.x_train.shape[1]) if ds.x_train.ndim == 2 else 0
     model = models.load_flat(model_for(fed, features), load_array(model_path))
     member = per_sample_loss(model, ds.x_train, ds.y_train)

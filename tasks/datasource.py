@@ -7,14 +7,18 @@ patient-level split. A new kind (FHIR, a PACS query) is one new class here plus 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tasks import StepError
+from tasks.cohort import COHORT_RULES
 from tasks.config import SiteKind
 from tasks.prepared import PreparedDataset
+from tasks.schema import Feature
 from tasks.site import DataSettings
+from tasks.tabular import prepare_tabular_site
 
 
 class DataSource(Protocol):
@@ -58,7 +62,7 @@ class DicomSource:
         return _digest_files(self.site, self.data.path, [manifest])
 
     def settings(self) -> dict[str, Any]:
-        return {"kind": "dicom", "labels": Path(self.data.labels).name}
+        return {"kind": "dicom", "labels": Path(self.data.labels).name, "cohort": COHORT_RULES}
 
     def prepare(
         self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
@@ -79,25 +83,29 @@ class DicomSource:
 class TabularSource:
     site: str
     data: DataSettings
+    features: tuple[Feature, ...]  # the federation's declared schema
 
     def digest(self) -> str:
         return _digest_files(self.site, self.data.path, [])
 
     def settings(self) -> dict[str, Any]:
+        # The schema is in the cache key: a changed schema prepares the table again.
         return {
             "kind": "tabular",
             "labels": self.data.labels,
             "id_column": self.data.id_column,
             "table": self.data.table,
+            "features": [f.model_dump(mode="json") for f in self.features],
+            "cohort": COHORT_RULES,
         }
 
     def prepare(
         self, *, secret: bytes, image_size: int, holdout_fraction: float, seed: int
     ) -> PreparedDataset:
-        from tasks import ingest
-
-        return ingest.prepare_tabular_site(
+        return prepare_tabular_site(
             self.data.path,
+            site=self.site,
+            features=self.features,
             label_column=self.data.labels,
             id_column=self.data.id_column,
             secret=secret,
@@ -107,7 +115,10 @@ class TabularSource:
         )
 
 
-def source_for(site: str, kind: SiteKind, data: DataSettings) -> DataSource:
+def source_for(
+    site: str, kind: SiteKind, data: DataSettings, *, features: Sequence[Feature] = ()
+) -> DataSource:
+    """The site's data source; ``features`` is the federation's schema (tabular sites)."""
     if kind == SiteKind.DICOM:
         return DicomSource(site=site, data=data)
-    return TabularSource(site=site, data=data)
+    return TabularSource(site=site, data=data, features=tuple(features))

@@ -20,16 +20,19 @@ import os
 import re
 import shutil
 import tempfile
+import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import TypeAdapter
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from tasks import StepError
+from tasks.schema import Feature, check_schema
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_HEADER = ("file", "label")
@@ -40,7 +43,6 @@ IMPLEMENTATION_CLASS_UID = "2.25.229911864419227455328209183127519532473"
 UINT16_MAX = 65535
 
 TABULAR_FEATURES = (
-    "visit",
     "age",
     "sex",
     "bmi",
@@ -48,10 +50,58 @@ TABULAR_FEATURES = (
     "glucose",
     "hba1c",
     "cholesterol",
-    "smoker",
+    "smoking",
+    "on_statin",
 )
 TABULAR_ID_COLUMN = "patient_id"
 TABULAR_LABEL_COLUMN = "outcome"
+# The federation's declared schema for these tables: public bounds and categories, chosen
+# from clinical ranges, never from the generated data.
+TABULAR_SCHEMA_TOML = """
+[[features]]
+name = "age"
+type = "numeric"
+min = 18
+max = 100
+missing = "error"
+[[features]]
+name = "sex"
+type = "categorical"
+categories = ["male", "female"]
+[[features]]
+name = "bmi"
+type = "numeric"
+min = 15
+max = 50
+[[features]]
+name = "systolic_bp"
+type = "numeric"
+min = 80
+max = 200
+[[features]]
+name = "glucose"
+type = "numeric"
+min = 50
+max = 300
+[[features]]
+name = "hba1c"
+type = "numeric"
+min = 4
+max = 14
+fill = 5.5
+[[features]]
+name = "cholesterol"
+type = "numeric"
+min = 100
+max = 350
+[[features]]
+name = "smoking"
+type = "categorical"
+categories = ["never", "former", "current"]
+[[features]]
+name = "on_statin"
+type = "boolean"
+"""
 
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _FIRST_NAMES = (
@@ -551,62 +601,111 @@ def write_dicom_cohort(profile: SiteProfile, out_dir: Path, *, seed: int) -> Pat
     return out_dir
 
 
+def tabular_schema() -> tuple[Feature, ...]:
+    """:data:`TABULAR_SCHEMA_TOML`, validated as a federation file validates it."""
+    features = TypeAdapter(tuple[Feature, ...]).validate_python(
+        tomllib.loads(TABULAR_SCHEMA_TOML)["features"]
+    )
+    check_schema(features)
+    return features
+
+
+def _maybe(rng: np.random.Generator, text: str, *, missing: float, blank: str = "") -> str:
+    """``text``, or (with probability ``missing``) a blank cell as extracts write them."""
+    return blank if rng.random() < missing else text
+
+
+def _id_spelling(rng: np.random.Generator, mrn: int) -> str:
+    """One patient's ID as a visit's row spells it: mostly canonical, sometimes lower case or
+    padded with spaces (leading zeros kept: they are part of the ID)."""
+    canonical = f"MRN{mrn:07d}"
+    u = rng.random()
+    if u < 0.15:
+        return canonical.lower()
+    if u < 0.25:
+        return f" {canonical} "
+    return canonical
+
+
+def _sex_text(rng: np.random.Generator, male: bool) -> str:
+    u = rng.random()
+    if u < 0.02:
+        return ""
+    if u < 0.04:
+        return "Unknown"  # not a declared category: the "other" slot
+    text = "Male" if male else "Female"
+    return text.upper() if u < 0.15 else text
+
+
+def _visit_row(
+    rng: np.random.Generator, mrn: int, patient: dict[str, float], visit: int, shift: float
+) -> tuple[object, ...]:
+    age = patient["age"] + (visit - 1) * rng.uniform(0.5, 1.5)
+    bmi = patient["bmi"] + rng.normal(0.0, 0.6)
+    sbp = 100.0 + 0.45 * age + 0.7 * (bmi - 27.0) + rng.normal(0.0, 12.0)
+    glucose = 90.0 + 1.6 * (bmi - 27.0) + rng.gamma(2.0, 8.0) + rng.normal(0.0, 8.0)
+    hba1c = 3.0 + 0.03 * glucose + rng.normal(0.0, 0.35)
+    chol = 190.0 + 0.4 * (age - 55.0) + rng.normal(0.0, 32.0)
+    smoking = ("never", "former", "current")[int(patient["smoking"])]
+    logit = (
+        -1.1
+        + 0.4 * shift
+        + 0.065 * (age - 56.0)
+        + 0.10 * (bmi - 27.5)
+        + 0.035 * (sbp - 125.0)
+        + 0.9 * (hba1c - 6.0)
+        + 0.010 * (chol - 190.0)
+        + (0.0, 1.5, 3.0)[int(patient["smoking"])]
+        + 1.0 * patient["male"]
+        - 1.2 * patient["statin"]
+        + patient["frailty"]
+    )
+    outcome = int(rng.random() < 1.0 / (1.0 + np.exp(-logit)))
+    return (
+        _id_spelling(rng, mrn),
+        f"{age:.1f}",
+        _sex_text(rng, bool(patient["male"])),
+        _maybe(rng, f"{bmi:.1f}", missing=0.04),
+        _maybe(rng, f"{sbp:.0f}", missing=0.03),
+        _maybe(rng, f"{glucose:.0f}", missing=0.03, blank="NA"),
+        _maybe(rng, f"{hba1c:.1f}", missing=0.10),
+        _maybe(rng, f"{chol:.0f}", missing=0.06, blank="NA"),
+        _maybe(rng, smoking.capitalize() if rng.random() < 0.5 else smoking, missing=0.05),
+        _maybe(rng, "TRUE" if patient["statin"] else "FALSE", missing=0.03),
+        outcome,
+    )
+
+
 def tabular_rows(
     *, n_patients: int, seed: int, shift: float = 0.0
 ) -> tuple[tuple[str, ...], list[tuple[object, ...]]]:
-    """EHR-like visit rows (header, rows); the outcome follows a logistic model of the row."""
+    """Visit rows of an EHR extract (header, rows), as real ones look: string categoricals
+    (sex Male/Female, smoking never/former/current in mixed case), booleans TRUE/FALSE, empty
+    and NA cells, and 1-3 visits per patient whose ID is spelled differently across visits.
+    The outcome follows a logistic model of the visit (learnable through the schema)."""
     if n_patients < 2:
         raise StepError("A tabular cohort needs n_patients of at least 2.")
     rng = _rng(seed, "tabular-cohort", repr(float(shift)))
-    mrns = rng.choice(9_000_000, size=n_patients, replace=False) + 1_000_000
+    mrns = rng.choice(9_999_999, size=n_patients, replace=False) + 1
     rows: list[tuple[object, ...]] = []
     for mrn in mrns:
-        age0 = float(np.clip(rng.normal(56.0 + 6.0 * shift, 12.0), 18.0, 95.0))
-        sex = int(rng.random() < 0.5)
-        smoker = int(rng.random() < 0.22 + 0.05 * shift)
-        bmi0 = rng.normal(27.5 + 1.5 * shift, 4.5)
-        frailty = rng.normal(0.0, 0.4)
+        patient = {
+            "age": float(np.clip(rng.normal(56.0 + 6.0 * shift, 12.0), 18.0, 95.0)),
+            "male": float(rng.random() < 0.5),
+            "smoking": float(rng.choice(3, p=(0.55, 0.25, 0.20))),
+            "statin": float(rng.random() < 0.3),
+            "bmi": float(rng.normal(27.5 + 1.5 * shift, 4.5)),
+            "frailty": float(rng.normal(0.0, 0.4)),
+        }
         for visit in range(1, int(rng.integers(1, 4)) + 1):
-            age = age0 + (visit - 1) * rng.uniform(0.5, 1.5)
-            bmi = bmi0 + rng.normal(0.0, 0.6)
-            sbp = 100.0 + 0.45 * age + 0.7 * (bmi - 27.0) + rng.normal(0.0, 12.0)
-            glucose = 90.0 + 1.6 * (bmi - 27.0) + rng.gamma(2.0, 8.0) + rng.normal(0.0, 8.0)
-            hba1c = 3.0 + 0.03 * glucose + rng.normal(0.0, 0.35)
-            chol = 190.0 + 0.4 * (age - 55.0) + rng.normal(0.0, 32.0)
-            logit = (
-                -1.1
-                + 0.4 * shift
-                + 0.065 * (age - 56.0)
-                + 0.10 * (bmi - 27.5)
-                + 0.035 * (sbp - 125.0)
-                + 0.9 * (hba1c - 6.0)
-                + 0.010 * (chol - 190.0)
-                + 1.1 * smoker
-                + 0.35 * sex
-                + frailty
-            )
-            outcome = int(rng.random() < 1.0 / (1.0 + np.exp(-logit)))
-            rows.append(
-                (
-                    f"MRN{int(mrn):07d}",
-                    visit,
-                    round(age, 1),
-                    sex,
-                    round(float(bmi), 1),
-                    round(float(sbp)),
-                    round(float(glucose)),
-                    round(float(hba1c), 1),
-                    round(float(chol)),
-                    smoker,
-                    outcome,
-                )
-            )
+            rows.append(_visit_row(rng, int(mrn), patient, visit, shift))
     header = (TABULAR_ID_COLUMN, *TABULAR_FEATURES, TABULAR_LABEL_COLUMN)
     return header, rows
 
 
 def write_tabular_cohort(path: Path, *, n_patients: int, seed: int, shift: float = 0.0) -> Path:
-    """Write an EHR-like CSV (``patient_id``, numeric features, ``outcome``) atomically."""
+    """Write an EHR-extract-like CSV (see :func:`tabular_rows`) atomically; its federation
+    declares :data:`TABULAR_SCHEMA_TOML`."""
     header, rows = tabular_rows(n_patients=n_patients, seed=seed, shift=shift)
     path = Path(path)
     _atomic_write_text(path, _csv_text(header, rows))
@@ -637,9 +736,11 @@ __all__ = [
     "TABULAR_FEATURES",
     "TABULAR_ID_COLUMN",
     "TABULAR_LABEL_COLUMN",
+    "TABULAR_SCHEMA_TOML",
     "ensure_demo_cohorts",
     "synthetic_image",
     "tabular_rows",
+    "tabular_schema",
     "to_stored",
     "write_dicom_cohort",
     "write_tabular_cohort",

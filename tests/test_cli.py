@@ -89,6 +89,37 @@ def test_a_site_with_bad_data_stops_the_job_before_anyone_trains(tmp_path):
     assert drop["site"] == "clinic-b" and "b.csv" not in str(drop)  # no site-private path
 
 
+def test_a_patient_value_in_a_bad_cell_never_leaves_the_site(tmp_path):
+    """A name typed into a numeric column stops that site (and, below min_sites, the job):
+    what the operator reads, the ledger and the artifact store name site, column, line and
+    file, never the value."""
+    import csv
+
+    from fedhelp import tabular_federation
+
+    from tasks.synthetic import write_tabular_cohort
+
+    a = write_tabular_cohort(tmp_path / "a.csv", n_patients=60, seed=1)
+    b = write_tabular_cohort(tmp_path / "b.csv", n_patients=60, seed=2)
+    cfg = tabular_federation(tmp_path, {"clinic-a": (a, None), "clinic-b": (b, None)})
+    with b.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    rows[1][rows[0].index("age")] = "JOHN^SMITH"  # beside the id column
+    with b.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    proc = medfed("run", str(cfg), "--sites", str(tmp_path / "sites"), timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "clinic-b" in proc.stderr
+    shared = [tmp_path / "ledger.db", *(tmp_path / "artifacts").rglob("*")]
+    texts = [proc.stdout, proc.stderr]
+    texts += [p.read_bytes().decode("latin-1") for p in shared if p.is_file()]
+    for text in texts:
+        assert "JOHN" not in text and "SMITH" not in text
+    (drop,) = Ledger(f"sqlite:///{tmp_path}/ledger.db").events(action="drop")
+    assert "line 2, column 'age' is not a number" in drop["details"]["reason"]
+
+
 def test_run_without_workers_or_sites_is_bad_usage(tmp_path):
     cfg = tmp_path / "federation.toml"
     cfg.write_text(

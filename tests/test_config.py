@@ -4,9 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
+from fedhelp import TABULAR_HEADER
 
 from flows.demo import demo_config_text
-from tasks.config import ConfigError, load_config, plan_digest
+from tasks.config import ConfigError, load_config, plan_digest, plan_from_dict
+from tasks.synthetic import TABULAR_SCHEMA_TOML, tabular_schema
 
 KEYS = {n: (f"{i:x}" * 64, f"{i + 5:x}" * 64) for i, n in enumerate(["site-a", "site-b"], 1)}
 SITES = "".join(
@@ -104,3 +106,51 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "rounds = = 3"))
+
+
+# --- a tabular federation's declared feature schema -------------------------------------------
+
+TABULAR_SITES = SITES.replace('kind = "dicom"', 'kind = "tabular"')
+TABULAR = TABULAR_HEADER + TABULAR_SITES
+
+
+def test_tabular_schema_is_part_of_the_plan_and_its_digest(tmp_path):
+    fed = load_config(write(tmp_path, TABULAR))
+    assert [f.name for f in fed.features] == [f.name for f in tabular_schema()]
+    plan = fed.plan()
+    assert plan["features"][0] == {
+        "name": "age",
+        "type": "numeric",
+        "min": 18.0,
+        "max": 100.0,
+        "fill": None,
+        "missing": "error",
+    }
+    assert plan_from_dict(plan).features == fed.features  # a site reads the same schema back
+    for old, new in [("max = 100", "max = 101"), ('"female"]', '"female", "diverse"]')]:
+        other = load_config(write(tmp_path, TABULAR.replace(old, new, 1)))
+        assert plan_digest(other.plan()) != plan_digest(plan)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (TABULAR_HEADER.split("\n[[features]]")[0] + TABULAR_SITES, "[[features]]"),
+        (GOOD.replace("[[sites]]", TABULAR_SCHEMA_TOML + "\n[[sites]]", 1), "[[features]]"),
+        (
+            TABULAR.replace("max = 100", "max = 10"),
+            "'features.0.numeric': feature 'age' needs min < max",
+        ),
+        (TABULAR.replace('name = "bmi"', 'name = "age"'), "feature names must be unique"),
+        (TABULAR.replace('type = "boolean"', 'type = "flag"'), "features.8"),
+        (TABULAR.replace('name = "bmi"', 'name = "sex_missing"'), "same model-input column"),
+        (TABULAR.replace("max = 350", "max = inf"), "features.6.numeric.max"),
+        (TABULAR.replace('categories = ["male", "female"]', "categories = []"), "features.1"),
+    ],
+)
+def test_bad_feature_schema_is_one_sentence_naming_features(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert fragment in message and "features" in message
+    assert "\n" not in message

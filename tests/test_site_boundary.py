@@ -4,8 +4,11 @@ coordinator root that cannot decrypt anything, tried file by file."""
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import stat
+import traceback
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from tasks import IntegrityError, StepError
 from tasks.config import load_config
 from tasks.coordinator_steps import CoordinatorRun, site_entry_from_enrollment
 from tasks.enrollment import open_sealed, read_enrollment, seal
-from tasks.messages import Phase, Status, make_instruction
+from tasks.messages import Phase, Status, make_instruction, read_report
 from tasks.secure_agg import decrypt_update
 from tasks.site import load_site
 from tasks.site_phase import run_site_phase
@@ -74,6 +77,42 @@ def test_site_prepares_on_a_valid_instruction(fed, tmp_path):
     assert set(report.data["ckks_sealed"]) == {"clinic-b"}
     entries = Ledger(fed.ledger_url).events(job="job-1", action="preprocess")
     assert [e["actor"] for e in entries] == ["clinic-a"]
+
+
+def test_a_bad_cell_fails_the_site_and_its_value_never_leaves(fed, tmp_path, caplog):
+    """A patient's name in a numeric column: the failed report, the ledger, the artifact store,
+    the logs and the traceback name the site, column, line and file, never the value."""
+    table = tmp_path / "b.csv"
+    with table.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    rows[6][rows[0].index("glucose")] = "JOHN^SMITH"
+    with table.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StepError) as info:
+        run_site_phase(instruction(fed, site="clinic-b"), tmp_path / "sites" / "clinic-b")
+    site = load_site(tmp_path / "sites" / "clinic-b")
+    report = read_report(
+        fed.artifact_store,
+        job="job-1",
+        round=0,
+        site="clinic-b",
+        phase=Phase.PREPARE,
+        public_key=site.identity.public_key,
+    )
+    assert report is not None and report.status == Status.FAILED
+    assert report.reason == "site clinic-b: b.csv, line 7, column 'glucose' is not a number."
+    logging.getLogger("tasks").exception("the phase failed", exc_info=info.value)
+    places = [caplog.text, "".join(traceback.format_exception(info.value)), report.reason]
+    places += [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if _shared(p)]
+    for text in places:
+        assert "JOHN" not in text and "SMITH" not in text
+    assert not Ledger(fed.ledger_url).events(action="preprocess")
+
+
+def _shared(path):
+    """What leaves a site: the ledger database and the artifact store."""
+    return path.is_file() and (path.name.startswith("ledger") or "artifacts" in path.parts)
 
 
 @pytest.mark.parametrize(
