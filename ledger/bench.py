@@ -82,7 +82,7 @@ def _event(i: int) -> Event:
             "delta": 1e-5,
             "accountant": "rdp",
         },
-        details={"samples": 160, "epochs": 1, "mean_loss": 0.52},
+        details={"samples": 160, "epochs": 1},
     )
 
 

@@ -36,8 +36,10 @@ class Action(StrEnum):
     ENROLL = "enroll"  # the coordinator registers a site from its enrollment file
     JOB_START = "job_start"
     PREPROCESS = "preprocess"
+    POLICY = "policy"  # a site records its privacy policy (budget, pinned delta, opt-outs)
+    RESERVE = "reserve"  # a site's budget check and the hold it grants, in one transaction
     TRAIN = "train"
-    REFUSE = "refuse"  # a site declines to train: its privacy budget
+    REFUSE = "refuse"  # a site declines to release: its privacy budget or its policy
     REFUSE_INSTRUCTION = (
         "refuse_instruction"  # a site declines an instruction: signature, plan, policy
     )

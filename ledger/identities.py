@@ -67,6 +67,8 @@ ROLE_ACTIONS: Mapping[Role, frozenset[str]] = {
             (
                 Action.REGISTER_KEY,
                 Action.PREPROCESS,
+                Action.POLICY,
+                Action.RESERVE,
                 Action.TRAIN,
                 Action.REFUSE,
                 Action.REFUSE_INSTRUCTION,

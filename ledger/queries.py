@@ -7,11 +7,12 @@ mutable side table.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger import LedgerError
+from ledger import LedgerError, accounting
 from ledger.entry import Action
 from ledger.store import Ledger
 
@@ -108,98 +109,96 @@ def events(
     return out
 
 
-_SPEND_ACTIONS = (Action.TRAIN, Action.CLIP_AND_NOISE, Action.REFUSE)
+UNBOUNDED = "unbounded"  # the epsilon of a site that released an update trained without DP
 
-# What a site's epsilon is once it has trained even one round without DP.
-UNBOUNDED = "unbounded (trained without DP)"
+
+def _figure(eps: float | None) -> float | str | None:
+    return eps if eps is None or math.isfinite(eps) else UNBOUNDED
 
 
 def spend(
     ledger: Ledger, *, site: str | None = None, job: str | None = None
 ) -> list[dict[str, Any]]:
-    """Every release (DP-SGD in train, site-level noise in clip_and_noise) and refusal per
-    site over time, with budget remaining."""
+    """Every charge per site over time: reservations (held, released, or lapsed when the
+    round died before anything left the site), releases older than reservations, and
+    refusals, each with its own epsilon recomputed at the site's pinned delta."""
+    bodies = list(_bodies(ledger))
     out = []
-    for b in _bodies(ledger):
-        if b.get("action") not in _SPEND_ACTIONS or b.get("actor") != b.get("site"):
+    for name, acc in sorted(accounting.accounts(bodies).items()):
+        if site and name != site:
             continue
-        if site and b.get("site") != site or job and b.get("job") != job:
-            continue
-        p = b.get("privacy") or {}
-        if b["action"] == Action.CLIP_AND_NOISE and not p.get("release"):
-            continue  # clipped without site-level noise: no release
-        if b["action"] == Action.REFUSE:
-            cumulative = p.get("epsilon_spent", 0.0)
-            this_round = 0.0
-        else:
-            cumulative = p.get("epsilon_cumulative", 0.0)
-            this_round = p.get("epsilon_round")
-        budget = p.get("epsilon_budget")
-        out.append(
-            {
-                "recorded": b.get("recorded"),
-                "site": b.get("site"),
-                "job": b.get("job"),
-                "round": b.get("round"),
-                "action": b["action"],
-                "dataset": b.get("inputs", {}).get("dataset", ""),
-                "epsilon_round": this_round,
-                "epsilon_cumulative": cumulative,
-                "epsilon_budget": budget,
-                "budget_remaining": None if budget is None else max(budget - cumulative, 0.0),
-                "delta": p.get("delta"),
-                "accountant": p.get("accountant"),
-                # A train entry without a DP release trained without DP: its epsilon is unbounded.
-                "dp": b["action"] != Action.TRAIN or bool(p.get("release")),
-                "seq": b["seq"],
-            }
-        )
+        policy = acc.effective_policy()
+        for c in acc.charges:
+            if job and c.job != job:
+                continue
+            alone = (
+                accounting.epsilon(c.releases, delta=policy.delta, accountant=policy.accountant)
+                if policy and c.dp
+                else None
+            )
+            out.append(
+                {
+                    "site": name,
+                    "job": c.job,
+                    "round": c.round,
+                    "reservation": c.key,
+                    "population": str(c.population),
+                    "state": str(c.state),
+                    "dp": c.dp,
+                    "epsilon_alone": _figure(alone if c.dp else math.inf),
+                    "delta": c.delta,
+                }
+            )
     return out
 
 
 def spend_summary(ledger: Ledger, *, site: str | None = None) -> list[dict[str, Any]]:
-    """Per site: latest cumulative epsilon, budget, remaining, rounds trained, refusals."""
-    sites: dict[str, dict[str, Any]] = {}
-    for r in spend(ledger, site=site):
-        s = sites.setdefault(
-            r["site"],
+    """Per site, the figure the budget check uses: epsilon recomputed over every counted
+    release and live reservation at the delta the site's policy pins (the larger of the
+    training and held-out populations), beside what entries recorded."""
+    out = []
+    for name, acc in sorted(accounting.accounts(_bodies(ledger)).items()):
+        if site and name != site:
+            continue
+        policy = acc.effective_policy()
+        if policy is None and not acc.charges:
+            continue
+        figures = {"delta": policy.delta, "accountant": policy.accountant} if policy else None
+        by_population = {
+            p: accounting.epsilon(acc.history(p), **figures) if figures else None
+            for p in accounting.Population
+        }
+        spent = acc.spent(**figures) if figures else None
+        budget = policy.epsilon_budget if policy else None
+        states = [c.state for c in acc.charges]
+        out.append(
             {
-                "site": r["site"],
-                "epsilon_cumulative": 0.0,
-                "epsilon_budget": None,
-                "budget_remaining": None,
-                "rounds_trained": 0,
-                "rounds_without_dp": 0,
-                "refusals": 0,
-                "accountant": None,
-                "delta": None,
-                "datasets": set(),
-                "jobs": set(),
-                "last": None,
-            },
+                "site": name,
+                "epsilon_budget": budget,
+                "epsilon_spent": _figure(spent),
+                "epsilon_training": _figure(
+                    math.inf if acc.unbounded else by_population[accounting.Population.TRAINING]
+                ),
+                "epsilon_heldout": _figure(by_population[accounting.Population.HELDOUT]),
+                "epsilon_recorded": acc.epsilon_recorded,
+                "budget_remaining": None
+                if budget is None or spent is None
+                else max(budget - spent, 0.0),
+                "delta": figures["delta"] if figures else None,
+                "accountant": figures["accountant"] if figures else None,
+                "dp_optouts": acc.dp_optouts,
+                "allow_non_dp": policy.allow_non_dp if policy else None,
+                "metrics_policy": str(policy.metrics) if acc.policy else "exact (before policy)",
+                "exact_metric_releases": acc.exact_metrics,
+                "released": states.count(accounting.State.RELEASED),
+                "held": states.count(accounting.State.HELD),
+                "lapsed": states.count(accounting.State.LAPSED),
+                "refusals": acc.refusals,
+                "policy_changes": max(acc.policies - 1, 0),
+                "jobs": " ".join(sorted({c.job for c in acc.charges if c.job})),
+            }
         )
-        s["rounds_without_dp"] += not r["dp"]
-        s["accountant"] = r["accountant"] or s["accountant"]
-        s["delta"] = r["delta"] or s["delta"]
-        s["epsilon_cumulative"] = max(s["epsilon_cumulative"], r["epsilon_cumulative"] or 0.0)
-        s["epsilon_budget"] = (
-            r["epsilon_budget"] if r["epsilon_budget"] is not None else s["epsilon_budget"]
-        )
-        s["rounds_trained"] += r["action"] == Action.TRAIN
-        s["refusals"] += r["action"] == Action.REFUSE
-        if r["dataset"]:
-            s["datasets"].add(r["dataset"][:16])
-        s["jobs"].add(r["job"])
-        s["last"] = r["recorded"]
-    for s in sites.values():
-        if s["rounds_without_dp"]:
-            s["epsilon_cumulative"] = UNBOUNDED
-            s["budget_remaining"] = 0.0
-        elif s["epsilon_budget"] is not None:
-            s["budget_remaining"] = max(s["epsilon_budget"] - s["epsilon_cumulative"], 0.0)
-        s["datasets"] = " ".join(sorted(s["datasets"]))
-        s["jobs"] = " ".join(sorted(s["jobs"]))
-    return list(sites.values())
+    return out
 
 
 def data_use(ledger: Ledger, *, site: str | None = None) -> list[dict[str, Any]]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
+import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -171,20 +172,38 @@ def _shown(url: str) -> str:
         return repr(url)
 
 
-@lru_cache(maxsize=16)
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def engine_for(url: str) -> Engine:
     """One engine per URL per process; tables created on first use."""
-    try:
-        engine = _new_engine(url)
-        with engine.begin() as conn:
-            if engine.dialect.name == "postgresql":
-                # Concurrent CREATE TABLE races on PostgreSQL's catalog; take the append lock.
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_APPEND_LOCK})
-            SQLModel.metadata.create_all(conn, tables=_TABLES)
-            _upgrade(conn)
-    except (SQLAlchemyError, ArgumentError) as exc:
-        raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
-    return engine
+    with _engines_lock:
+        if url in _engines:
+            return _engines[url]
+        try:
+            engine = _new_engine(url)
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    # Concurrent CREATE TABLE races on PostgreSQL's catalog: take the lock.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_APPEND_LOCK})
+                SQLModel.metadata.create_all(conn, tables=_TABLES)
+                _upgrade(conn)
+        except (SQLAlchemyError, ArgumentError) as exc:
+            raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
+        _engines[url] = engine
+        return engine
+
+
+def _fresh_pools_after_fork() -> None:
+    """A forked child must not use its parent's pooled connections (one socket, two
+    processes: transactions interleave). SQLAlchemy's recipe: new pools, the inherited
+    connections left alone (not closed under the parent)."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_fresh_pools_after_fork)
 
 
 def _new_engine(url: str, **kwargs: Any) -> Engine:
@@ -296,6 +315,24 @@ class Ledger:
             return []
         with self._write_txn() as conn:
             return self._append(conn, items)
+
+    def append_decided(
+        self, decide: Callable[[Callable[..., list[dict]]], Sequence[tuple[Event, _keys.Identity]]]
+    ) -> list[Appended]:
+        """Read, decide and append as ONE transaction under the write lock: `decide` gets a
+        reader (`events`, screened by the roster) of the ledger as no other writer can change
+        it until this commits, and returns what to append. A check and what it grants (a
+        privacy budget and its reservation) are thereby atomic across threads, processes and
+        machines on SQLite and PostgreSQL alike."""
+        with self._write_txn() as conn:
+
+            def read(**where: object) -> list[dict]:
+                query = select(E.c.seq, E.c.body, E.c.signature).order_by(E.c.seq)
+                for column, value in where.items():
+                    query = query.where(E.c[column] == value)
+                return list(self._screen(tuple(r) for r in conn.execute(query)))
+
+            return self._append(conn, decide(read))
 
     def _append(
         self, conn: Connection, items: Sequence[tuple[Event, _keys.Identity]]

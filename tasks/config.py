@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ledger.identities import Roster, roster_from_mapping
 from tasks import StepError
+from tasks.schema import Feature, check_schema
 
 
 class ConfigError(StepError):
@@ -100,17 +101,22 @@ class ModelConfig(_Strict):
 
 
 class DPConfig(_Strict):
+    # Every figure must be finite (allow_inf_nan=False): an infinite budget cannot be accounted.
     enabled: bool = True
-    noise_multiplier: float | None = Field(default=None, gt=0)
-    target_epsilon: float | None = Field(default=None, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-    epsilon_budget: float = Field(default=10.0, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    target_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # Probability that a patient joins a DP-SGD step (Poisson sampling); steps per epoch are
+    # ceil(1 / sample_rate). A plan figure, never derived from a cohort's size: neighbouring
+    # cohorts must run the same mechanism for the add/remove-one-patient bound to hold.
+    sample_rate: float = Field(default=0.25, gt=0, le=1, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
+    epsilon_budget: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     accountant: Accountant = Accountant.PRV
     # Bound on the L2 norm of each site's model update (clip_and_noise).
-    update_clip_norm: float = Field(default=5.0, gt=0)
+    update_clip_norm: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     # Optional site-level Gaussian noise on the clipped update, as a multiple of the clip norm.
-    update_noise_multiplier: float = Field(default=0.0, ge=0)
+    update_noise_multiplier: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     secure_rng: bool = False
 
     @model_validator(mode="after")
@@ -142,7 +148,7 @@ class FederationConfig(_Strict):
     local_epochs: int = Field(default=1, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=65536)
     learning_rate: float = Field(default=0.1, gt=0, le=10)
-    holdout_fraction: float = Field(default=0.25, gt=0, lt=1)
+    holdout_fraction: float = Field(default=0.25, gt=0, lt=1, allow_inf_nan=False)
     min_sites: int = Field(default=2, ge=1)
     seed: int = 0
     ledger_url: str = "sqlite:///ledger.db"
@@ -159,6 +165,8 @@ class FederationConfig(_Strict):
     ckks: CKKSConfig = CKKSConfig()
     # Written by `medfed register` from the coordinator's root; required to run a job.
     identities: Identities | None = None
+    # Tabular federations only: the declared feature schema, `[[features]]` (tasks.schema).
+    features: tuple[Feature, ...] = ()
     sites: tuple[SiteEntry, ...] = Field(min_length=1)
 
     @field_validator("learning_rate")
@@ -166,6 +174,12 @@ class FederationConfig(_Strict):
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError("must be finite")
+        return v
+
+    @field_validator("features")
+    @classmethod
+    def _schema(cls, v: tuple[Feature, ...]) -> tuple[Feature, ...]:
+        check_schema(v)
         return v
 
     @model_validator(mode="after")
@@ -186,6 +200,18 @@ class FederationConfig(_Strict):
             raise ValueError("every site needs its own public keys (two sites share one)")
         if self.ckks.keyholder is not None and self.ckks.keyholder not in names:
             raise ValueError(f"ckks.keyholder '{self.ckks.keyholder}' is not a listed site")
+        return self
+
+    @model_validator(mode="after")
+    def _schema_fits_kind(self) -> Self:
+        # Public constants, approved with the plan, replace any statistic of a site's data.
+        if self.site_kind == SiteKind.TABULAR and not self.features:
+            raise ValueError(
+                "a tabular federation must declare its feature schema in [[features]] "
+                "(each column's name, type, and bounds or categories)"
+            )
+        if self.site_kind == SiteKind.DICOM and self.features:
+            raise ValueError("[[features]] is for tabular federations; dicom sites take none")
         return self
 
     @property

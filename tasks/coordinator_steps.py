@@ -5,6 +5,7 @@ coordinator's key with the idempotency key `job/r<round>/coordinator/<step>`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ledger.store import Ledger
 from tasks import WorkFailed, transport
 from tasks.config import ConfigError, FederationConfig, SiteEntry, plan_digest
 from tasks.enrollment import read_enrollment
+from tasks.evaluate import Metrics, weighted
 from tasks.keyring import COORDINATOR, CoordinatorPaths, coordinator_identity, log_identity
 from tasks.messages import SiteReport, keys_job, ref_of
 from tasks.record import Recorder, step_key
@@ -249,7 +251,12 @@ def commit_round(
             f"round {run.round}: sites decrypted different global models ({len(versions)} versions)"
         )
     version = versions.pop()
-    total = sum(int(e.data["heldout"]) for e in evaluations)
+    overall = weighted(
+        [
+            Metrics(auc=e.data["auc"], accuracy=e.data["accuracy"], n=e.data["heldout"])
+            for e in evaluations
+        ]
+    )
     run.recorder().record(
         Action.COMMIT_ROUND,
         "commit_round",
@@ -260,9 +267,10 @@ def commit_round(
             "refused": sorted(refused),
             "dropped": dict(sorted(dropped.items())),
             "evaluated": sorted(e.site for e in evaluations),
-            "weighted_auc": sum(e.data["auc"] * e.data["heldout"] for e in evaluations) / total,
-            "weighted_accuracy": sum(e.data["accuracy"] * e.data["heldout"] for e in evaluations)
-            / total,
+            # As the sites released them: noisy, exact (their policy) or withheld (None).
+            "metrics": {e.site: e.data.get("metrics", "exact") for e in evaluations},
+            "weighted_auc": overall.auc if math.isfinite(overall.auc) else None,
+            "weighted_accuracy": overall.accuracy if math.isfinite(overall.accuracy) else None,
         },
     )
     run.paths.save_state(

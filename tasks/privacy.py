@@ -1,8 +1,8 @@
-"""Privacy maths: accounting over a site's whole release history, budgets, update clipping.
+"""Privacy maths at the site: the release a round makes, noise calibration, update clipping.
 
-A site's history is the list of DP-SGD releases it has made (noise multiplier, sample rate,
-steps), read back from the ledger; epsilon is always recomputed from that history by an
-Opacus accountant, so spend accumulates across rounds, jobs and restarts.
+The accountant and the reading of a site's charges from the ledger live in
+`ledger.accounting` (a compliance officer recomputes spend with the same code); the budget
+check and the reservation it grants are `tasks.budget`.
 """
 
 from __future__ import annotations
@@ -11,80 +11,30 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from ledger.accounting import Release, epsilon
 from tasks import StepError
 
 # Calibration searches noise multipliers whose RDP optimum sits at the largest order; the
 # bound is still valid (just looser), so the console need not hear about it.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
-_ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
-
-@dataclass(frozen=True, kw_only=True)
-class Release:
-    """One DP-SGD release: `steps` noisy steps at `sample_rate` with `noise_multiplier`."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not (self.noise_multiplier > 0 and 0 < self.sample_rate <= 1 and self.steps >= 1):
-            raise StepError(f"invalid DP release {asdict(self)}")
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
-
-def epsilon(history: Sequence[Release], *, delta: float, accountant: str) -> float:
-    """Cumulative epsilon at `delta` of every release in `history` (0 when empty)."""
-    if not history:
-        return 0.0
-    acc = _accountant(accountant)
-    acc.history = [(nm, q, steps) for (nm, q), steps in merged(history).items()]
-    # PRV evaluates log(1 - q) inside np.where, which warns (harmlessly) at sample rate 1.
-    with np.errstate(divide="ignore"):
-        return float(acc.get_epsilon(delta=delta))
-
-
-def merged(history: Sequence[Release]) -> dict[tuple[float, float], int]:
-    """Releases of the same mechanism compose into one with the summed steps; merging them
-    keeps the accountant's cost constant however many rounds the ledger holds."""
-    steps: dict[tuple[float, float], int] = {}
-    for r in history:
-        key = (r.noise_multiplier, r.sample_rate)
-        steps[key] = steps.get(key, 0) + r.steps
-    return steps
-
-
-def _accountant(name: str) -> PRVAccountant | RDPAccountant:
-    try:
-        return _ACCOUNTANTS[name]()
-    except KeyError:
-        raise StepError(
-            f"unknown accountant '{name}' (use one of {sorted(_ACCOUNTANTS)})"
-        ) from None
-
-
-def planned_release(
-    *, n_samples: int, batch_size: int, epochs: int, noise_multiplier: float
-) -> Release:
-    """The release one round of local training makes: sample rate 1/ceil(n/batch) and
-    ceil(n/batch) steps per epoch. `n_samples` counts PRIVACY UNITS (patients, not images)
-    and `batch_size` the expected patients per step; `tasks.train.train_local` samples and
-    clips patients accordingly and returns exactly this release."""
-    if n_samples < 1:
-        raise StepError("a site needs at least one training sample")
-    batches = math.ceil(n_samples / batch_size)
+def planned_release(*, sample_rate: float, epochs: int, noise_multiplier: float) -> Release:
+    """The release one round of local training makes: ceil(1/q) Poisson-sampled steps per
+    epoch, each patient in a step with probability `sample_rate`. Every figure comes from the
+    plan, none from the cohort: a release that depended on the number of patients would
+    differ between neighbouring cohorts, and the accountant's add/remove-one-patient bound
+    would not describe it. `tasks.train.train_local` makes exactly this release."""
+    if not 0 < sample_rate <= 1 or epochs < 1:
+        raise StepError("a DP round needs a sample rate in (0, 1] and at least one epoch")
+    steps_per_epoch = math.ceil(1 / sample_rate - 1e-9)
     return Release(
-        noise_multiplier=noise_multiplier, sample_rate=1 / batches, steps=epochs * batches
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=epochs * steps_per_epoch
     )
 
 
@@ -103,36 +53,10 @@ def plan(
     ]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Admission:
-    """Whether a site may make this round's releases, and the figures behind the decision."""
-
-    admitted: bool
-    spent: float  # epsilon of the history alone
-    projected: float  # epsilon after this round's releases
-    reason: str = ""
-
-
-def admit(
-    history: Sequence[Release],
-    this_round: Sequence[Release],
-    *,
-    budget: float,
-    delta: float,
-    accountant: str,
-) -> Admission:
-    """The budget decision, pure: admitted iff history plus this round stays within `budget`."""
-    projected = epsilon([*history, *this_round], delta=delta, accountant=accountant)
-    if projected <= budget:
-        return Admission(admitted=True, spent=float("nan"), projected=projected)
-    spent = epsilon(history, delta=delta, accountant=accountant)
-    return Admission(
-        admitted=False,
-        spent=spent,
-        projected=projected,
-        reason=f"budget exhausted: this round would bring epsilon from {spent:.3f} to "
-        f"{projected:.3f}, over the budget of {budget:g}",
-    )
+def metrics_release(noise_multiplier: float) -> Release:
+    """One noisy evaluation: Gaussian noise of std `noise_multiplier` on a patient-level
+    histogram whose L2 sensitivity is 1 (`tasks.evaluate.patient_histogram`)."""
+    return Release(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
 
 
 def site_level_release(update_noise_multiplier: float) -> Release | None:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ledger import keys
+from ledger.accounting import Metrics
 from tasks import StepError
 from tasks.config import ConfigError, ModelKind, SiteKind, Slug, _first_error, plan_digest
 
@@ -52,11 +53,22 @@ class DataSettings(_Strict):
 
 
 class PrivacyPolicy(_Strict):
-    """The site's own budget, across every job on the ledger; the federation's [dp] budget
-    and delta apply only where they are stricter."""
+    """The site's own privacy policy, across every job on the ledger. It is recorded in the
+    ledger (a `policy` entry) whenever it changes; the budget check always uses the delta
+    recorded there, so changing it is a change anyone reading the ledger sees. The
+    federation's [dp] budget applies only where it is stricter."""
 
-    epsilon_budget: float = Field(default=10.0, gt=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
+    epsilon_budget: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
+    # Release a model update trained WITHOUT DP (a plan with [dp] enabled = false). Off, such
+    # a round is refused; on, the release is recorded and the site's epsilon is unbounded
+    # from then on, for every later check.
+    allow_non_dp: bool = False
+    # Held-out metrics leave the site "noisy" (Gaussian noise on a patient-level histogram,
+    # accounted against the budget for held-out patients) or "exact" (no DP for held-out
+    # patients; the ledger and `medfed ledger spend` say so).
+    metrics: Metrics = Metrics.NOISY
+    metrics_noise_multiplier: float = Field(default=4.0, gt=0, allow_inf_nan=False)
 
 
 class Accepts(_Strict):
@@ -226,6 +238,8 @@ def site_toml_text(
     delta: float,
     id_column: str = "patient_id",
     table: str | None = None,
+    metrics: str = "noisy",
+    allow_non_dp: bool = False,
 ) -> str:
     lines = [
         "# medfed site: written by `medfed site init`; this file never leaves the site.",
@@ -244,6 +258,10 @@ def site_toml_text(
         "[privacy]  # this site's own policy, across every job on the ledger",
         f"epsilon_budget = {epsilon_budget!r}",
         f"delta = {delta!r}",
+        "# true: release updates trained without DP (recorded; epsilon unbounded from then on)",
+        f"allow_non_dp = {str(allow_non_dp).lower()}",
+        '# held-out metrics leave the site "noisy" (accounted) or "exact" (no DP for them)',
+        f"metrics = {_toml_str(metrics)}",
         "",
         "[accepts]  # checked on every instruction before any data is read",
         f"federation = {_toml_str(federation)}",

@@ -21,6 +21,7 @@ from ledger.entry import Action, Outcome
 from ledger.store import Ledger
 from ledger.witness import WitnessError
 from tasks import IntegrityError, StepError, transport
+from tasks.budget import BudgetRefused
 from tasks.config import plan_digest, plan_from_dict
 from tasks.messages import (
     Phase,
@@ -232,7 +233,10 @@ def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
         )
     update = call(clip_and_noise, run, trained)
     cipher = call(encrypt, run, update)
-    ref, seconds = call(upload, run, cipher)
+    try:
+        ref, seconds = call(upload, run, cipher)
+    except BudgetRefused as exc:  # the hold lapsed and the budget is gone: the update stays
+        return Status.REFUSED, str(exc), {"refused": "budget", "samples": trained.n_samples}
     return (
         Status.COMPLETED,
         "",

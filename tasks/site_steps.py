@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ledger.entry import Action, Outcome
+from ledger.accounting import Metrics, Population
+from ledger.entry import Action
 from ledger.identities import COORDINATOR
-from ledger.store import Ledger
-from tasks import IntegrityError, StepError, models, prepared, privacy, transport
+from tasks import IntegrityError, StepError, budget, models, prepared, privacy, transport
 from tasks.config import FederationConfig
 from tasks.datasource import source_for
 from tasks.enrollment import open_sealed, seal
@@ -54,6 +54,7 @@ class TrainRef:
     path: Path | None = None
     sha256: str = ""
     epsilon: float = float("nan")  # cumulative after this round; NaN without DP
+    reservation: str = ""  # the ledger hold this update is charged to
     reason: str = ""
     seconds: float = 0.0
 
@@ -72,7 +73,8 @@ class FileRef:
 def prepared_cache_path(run: SiteRun) -> Path:
     """Where the site keeps its prepared split: keyed by raw inputs and prep settings."""
     cfg = run.site.settings
-    source = source_for(run.name, cfg.kind, cfg.data)
+    # The federation's feature schema is part of the source's settings, hence of the key.
+    source = source_for(run.name, cfg.kind, cfg.data, features=run.fed.features)
     settings = source.settings() | {
         "image_size": run.fed.model.image_size,
         "holdout": run.fed.holdout_fraction,
@@ -93,7 +95,7 @@ def preprocess(run: SiteRun) -> DatasetRef:
     if cached:
         ds = prepared.load_prepared(cache)
     else:
-        ds = source_for(run.name, cfg.kind, cfg.data).prepare(
+        ds = source_for(run.name, cfg.kind, cfg.data, features=run.fed.features).prepare(
             secret=run.site.pseudonym_secret(),
             image_size=run.fed.model.image_size,
             holdout_fraction=run.fed.holdout_fraction,
@@ -299,17 +301,16 @@ def global_before(run: SiteRun, features: int) -> np.ndarray:
 # ---- train
 
 
-def noise_multiplier_for(run: SiteRun, n_patients: int) -> float | None:
+def noise_multiplier_for(run: SiteRun) -> float | None:
+    """The DP-SGD noise of this plan (None without DP): given, or calibrated to the target
+    epsilon over the planned rounds from plan figures alone (never the cohort's size)."""
     dp = run.dp
     if not dp.enabled:
         return None
     if dp.noise_multiplier is not None:
         return dp.noise_multiplier
     one_round = privacy.planned_release(
-        n_samples=n_patients,
-        batch_size=run.fed.batch_size,
-        epochs=run.fed.local_epochs,
-        noise_multiplier=1.0,
+        sample_rate=dp.sample_rate, epochs=run.fed.local_epochs, noise_multiplier=1.0
     )
     site_level = privacy.site_level_release(dp.update_noise_multiplier)
     return privacy.calibrate_noise(
@@ -323,14 +324,28 @@ def noise_multiplier_for(run: SiteRun, n_patients: int) -> float | None:
     )
 
 
-def release_history(ledger: Ledger, site: str) -> list[privacy.Release]:
-    """Every DP release the site has made, in any job, read from the ledger."""
-    history = []
-    for ev in ledger.events(site=site):
-        release = (ev.get("privacy") or {}).get("release")
-        if ev.get("actor") == site and release and ev["outcome"] == str(Outcome.SUCCESS):
-            history.append(privacy.Release(**release))
-    return history
+def round_releases(run: SiteRun) -> list[privacy.Release]:
+    """What one round's update discloses, from the plan alone: the DP-SGD release and the
+    optional site-level update noise (none without DP: the release is then unbounded)."""
+    noise = noise_multiplier_for(run)
+    if noise is None:
+        return []
+    dp_sgd = privacy.planned_release(
+        sample_rate=run.dp.sample_rate, epochs=run.fed.local_epochs, noise_multiplier=noise
+    )
+    site_level = privacy.site_level_release(run.dp.update_noise_multiplier)
+    return [dp_sgd, *([site_level] if site_level else [])]
+
+
+def reserve_update(run: SiteRun, *, refusal_step: str) -> budget.Grant:
+    """The budget check and hold for this round's update (reused on a retry)."""
+    return budget.reserve(
+        run,
+        Population.TRAINING,
+        round_releases(run),
+        dp=run.dp.enabled,
+        refusal_step=refusal_step,
+    )
 
 
 def recorded_output(run: SiteRun, step: str, output: str, path: Path) -> str | None:
@@ -359,80 +374,43 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
     dp, fed, rec = run.dp, run.fed, run.recorder()
     base = global_before(run, data.features)
     base_hash = model_hash(base)
-    noise = noise_multiplier_for(run, data.patients_train)  # the patient is the DP unit
-    history = release_history(run.ledger, run.name)
-    privacy_record: dict | None = {"dp": False, "epsilon": "unbounded"}
-    epsilon_after = float("nan")  # stays NaN without any DP release: there is no epsilon
-    planned = None
-    if noise is not None:
-        planned = privacy.planned_release(
-            n_samples=data.patients_train,
-            batch_size=fed.batch_size,
-            epochs=fed.local_epochs,
-            noise_multiplier=noise,
+    noise = noise_multiplier_for(run)
+    releases = round_releases(run)
+    if run.round == 1 and releases:
+        projected = privacy.plan(
+            [], releases, rounds=fed.rounds, delta=dp.delta, accountant=str(dp.accountant)
         )
-    this_round = [r for r in (planned, privacy.site_level_release(dp.update_noise_multiplier)) if r]
-    if this_round:
-        decision = privacy.admit(
-            history,
-            this_round,
-            budget=dp.epsilon_budget,
-            delta=dp.delta,
-            accountant=str(dp.accountant),
+        step_log().info(
+            "site %s privacy plan: %d round(s) x %d step(s) at patient sample rate %.3f, "
+            "noise %.3f -> epsilon of this job by round: %s (delta %g, %s)",
+            run.name,
+            fed.rounds,
+            releases[0].steps,
+            releases[0].sample_rate,
+            noise or 0.0,
+            ", ".join(f"{e:.2f}" for e in projected),
+            dp.delta,
+            dp.accountant,
         )
-        epsilon_after = decision.projected
-        if run.round == 1:
-            projected = privacy.plan(
-                history,
-                this_round,
-                rounds=fed.rounds,
-                delta=dp.delta,
-                accountant=str(dp.accountant),
-            )
-            step_log().info(
-                "site %s privacy plan: %d round(s) x %d step(s) at patient sample rate %.3f, "
-                "noise %.3f -> cumulative epsilon by round: %s (budget %g, delta %g, %s)",
-                run.name,
-                fed.rounds,
-                planned.steps if planned else 0,
-                planned.sample_rate if planned else 0.0,
-                noise or 0.0,
-                ", ".join(f"{e:.2f}" for e in projected),
-                dp.epsilon_budget,
-                dp.delta,
-                dp.accountant,
-            )
-        if not decision.admitted:
-            rec.record(
-                Action.REFUSE,
-                "train",
-                outcome=Outcome.REFUSED,
-                inputs={"dataset": data.fingerprint},
-                privacy={
-                    "epsilon_spent": decision.spent,
-                    "epsilon_projected": decision.projected,
-                    "epsilon_budget": dp.epsilon_budget,
-                    "delta": dp.delta,
-                    "accountant": str(dp.accountant),
-                },
-                details={"reason": decision.reason},
-            )
-            return TrainRef(
-                trained=False,
-                n_samples=data.n_train,
-                base_model=base_hash,
-                reason=decision.reason,
-                epsilon=decision.spent,
-            )
+    # The budget check and the hold on this round's epsilon: one ledger transaction.
+    grant = reserve_update(run, refusal_step="train")
+    if not grant.admitted:
+        return TrainRef(
+            trained=False,
+            n_samples=data.n_train,
+            base_model=base_hash,
+            reason=grant.reason,
+            epsilon=grant.spent,
+        )
     step_log().info(
         "site %s: training round %d on %d samples for %d epoch(s)%s",
         run.name,
         run.round,
         data.n_train,
         fed.local_epochs,
-        f", DP-SGD noise {noise:.3f}, epsilon after it {epsilon_after:.2f} of {dp.epsilon_budget:g}"
+        f", DP-SGD noise {noise:.3f}, epsilon after it {grant.projected:.2f} of {grant.budget:g}"
         if noise is not None
-        else " without DP",
+        else " without DP (the site's policy allows it; its epsilon is unbounded)",
     )
     ds = prepared.load_prepared(data.path)
     model = models.load_flat(model_for(fed, data.features), base)
@@ -447,33 +425,33 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
             learning_rate=fed.learning_rate,
             seed=fed.seed * 1000 + run.round,
             noise_multiplier=noise,
+            sample_rate=dp.sample_rate,
             max_grad_norm=dp.max_grad_norm,
         ),
     )
+    privacy_record: dict[str, Any] = {"dp": False, "epsilon": "unbounded"}
     if outcome.release is not None:
-        if outcome.release != planned:
+        if outcome.release != releases[0]:
             raise StepError(f"site {run.name}: training made a different DP release than budgeted")
         privacy_record = {
             "release": outcome.release.as_dict(),
             "epsilon_round": privacy.epsilon(
-                [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
+                [outcome.release], delta=pinned_delta(run), accountant=str(dp.accountant)
             ),
-            # After this release only; a site-level release, if any, follows in clip_and_noise.
-            "epsilon_cumulative": epsilon_after
-            if this_round == [planned]
-            else privacy.epsilon(
-                history + [outcome.release], delta=dp.delta, accountant=str(dp.accountant)
-            ),
-            "epsilon_budget": dp.epsilon_budget,
-            "delta": dp.delta,
-            "accountant": str(dp.accountant),
             "max_grad_norm": dp.max_grad_norm,
             "unit": "patient",
-            "patients": outcome.n_patients,
-            "max_images_per_patient": outcome.max_images_per_patient,
         }
+    privacy_record |= {
+        "reservation": grant.key,
+        # Over every counted release of the site, this round's (site-level noise included).
+        "epsilon_cumulative": budget.as_figure(grant.projected),
+        "epsilon_budget": grant.budget,
+        "delta": pinned_delta(run),
+        "accountant": str(dp.accountant),
+    }
     out = run.work() / "local.npy"
     digest = save_array(out, outcome.params)
+    # No training loss or other figure of the training patients: only the DP release leaves.
     rec.record(
         Action.TRAIN,
         "train",
@@ -483,7 +461,6 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
         details={
             "samples": outcome.n_samples,
             "epochs": fed.local_epochs,
-            "mean_loss": outcome.mean_loss,
             "device": outcome.device,
             "dp": noise is not None,
         },
@@ -494,19 +471,27 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
         base_model=base_hash,
         path=out,
         sha256=digest,
-        epsilon=epsilon_after,
+        epsilon=grant.projected if noise is not None else float("nan"),
+        reservation=grant.key,
         seconds=time.perf_counter() - start,
     )
 
 
+def pinned_delta(run: SiteRun) -> float:
+    """The delta every figure of this site is stated at: its own policy's, pinned in the
+    ledger (a change is a recorded policy change)."""
+    return run.site.settings.privacy.delta
+
+
 def _train_already_recorded(run: SiteRun, data: DatasetRef) -> TrainRef | None:
-    """A retried round reuses the update it already released (and paid for)."""
+    """A retried round reuses the update it already trained (and holds budget for)."""
     ev = run.recorder().prior("train")
     if ev is None:
         return None
     base = ev["inputs"].get("global_model", "")
     recorded = ev.get("privacy") or {}
-    cumulative = recorded.get("epsilon_cumulative", recorded.get("epsilon_spent", float("nan")))
+    cumulative = recorded.get("epsilon_cumulative", recorded.get("epsilon_before", float("nan")))
+    cumulative = cumulative if isinstance(cumulative, float | int) else float("inf")
     if ev["action"] == str(Action.REFUSE):
         return TrainRef(
             trained=False,
@@ -524,6 +509,7 @@ def _train_already_recorded(run: SiteRun, data: DatasetRef) -> TrainRef | None:
         path=path,
         sha256=digest or "",
         epsilon=cumulative,
+        reservation=str(recorded.get("reservation", "")),
     )
 
 
@@ -547,15 +533,11 @@ def clip_and_noise(run: SiteRun, trained: TrainRef) -> FileRef:
         clipped = clipped + privacy.gaussian_noise(
             clipped.size, std=noise_std, secure=dp.secure_rng
         )  # no seed: noise from a public seed could be subtracted
-        history = release_history(run.ledger, run.name) + [release]
         privacy_record = {
             "release": release.as_dict(),
             "mechanism": "site-level Gaussian on the clipped update (sensitivity 2 x clip norm)",
-            "epsilon_cumulative": privacy.epsilon(
-                history, delta=dp.delta, accountant=str(dp.accountant)
-            ),
-            "epsilon_budget": dp.epsilon_budget,
-            "delta": dp.delta,
+            "reservation": trained.reservation,  # charged there, with the DP-SGD release
+            "delta": pinned_delta(run),
             "accountant": str(dp.accountant),
         }
     digest = save_array(path, clipped)
@@ -597,10 +579,16 @@ def encrypt(run: SiteRun, update: FileRef) -> FileRef:
 
 
 def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, float]:
+    """The update leaves the site: only under a hold that still counts. The train step's hold
+    may have lapsed (this is a retry after the round died): then the budget is checked and
+    held again, and a refusal keeps the update here (`BudgetRefused`)."""
     start = time.perf_counter()
     data = encrypted.path.read_bytes()
     if hashlib.sha256(data).hexdigest() != encrypted.sha256:
         raise StepError(f"site {run.name}: its ciphertext changed after encryption")
+    grant = reserve_update(run, refusal_step="upload")
+    if not grant.admitted:
+        raise budget.BudgetRefused(grant.reason)
     ref = transport.publish(
         run.fed.artifact_store,
         f"{run.job}/r{run.round:04d}/{run.name}.ckks",
@@ -617,7 +605,8 @@ def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, flo
         recipient=COORDINATOR,
         inputs={"ciphertext": encrypted.sha256},
         outputs={"artifact": ref.sha256},
-        details={"uri": ref.uri, "bytes": ref.size},
+        # Names the hold this release is charged to: from now on it counts for good.
+        details={"uri": ref.uri, "bytes": ref.size, "reservation": grant.key},
     )
     return ref, time.perf_counter() - start
 
@@ -626,7 +615,11 @@ def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, flo
 
 
 def evaluate(run: SiteRun, data: DatasetRef) -> dict[str, Any]:
-    from tasks.evaluate import metrics, predict
+    """Decrypt the aggregate, apply it, and release held-out metrics as the site's policy
+    says: noisy (a patient-level histogram under Gaussian noise, held and charged against the
+    held-out patients' budget like any release), or exact (the policy says so; the entry
+    too). A noisy release the budget refuses is withheld: the site still applies the model."""
+    from tasks.evaluate import metrics, noisy_metrics, predict
 
     start = time.perf_counter()
     ref = run.instr.aggregate
@@ -640,20 +633,53 @@ def evaluate(run: SiteRun, data: DatasetRef) -> dict[str, Any]:
     new_global = FedAvg().apply(base, mean_update)
     save_array(run.site.global_model(run.job, run.round), new_global)
     version = model_hash(new_global)
-    ds = prepared.load_prepared(data.path)
-    model = models.load_flat(model_for(run.fed, data.features), new_global)
-    m = metrics(predict(model, ds.x_test), ds.y_test)
+    policy = run.site.settings.privacy
+    released: dict[str, Any] = {"metrics": str(policy.metrics)}
+    prior = run.recorder().prior("evaluate")
+    if prior is not None:  # a retry: release nothing new, repeat what the ledger holds
+        released = dict(prior["details"])
+    elif policy.metrics == Metrics.EXACT:
+        ds = prepared.load_prepared(data.path)
+        model = models.load_flat(model_for(run.fed, data.features), new_global)
+        m = metrics(predict(model, ds.x_test), ds.y_test)
+        released |= {"auc": m.auc, "accuracy": m.accuracy, "heldout": m.n}
+    else:
+        release = privacy.metrics_release(policy.metrics_noise_multiplier)
+        grant = budget.reserve(
+            run, Population.HELDOUT, [release], dp=True, refusal_step="evaluate-refused"
+        )
+        if grant.admitted:
+            ds = prepared.load_prepared(data.path)
+            model = models.load_flat(model_for(run.fed, data.features), new_global)
+            m = noisy_metrics(
+                predict(model, ds.x_test),
+                ds.y_test,
+                groups=ds.groups_test,
+                noise_multiplier=policy.metrics_noise_multiplier,
+                secure=run.dp.secure_rng,
+            )
+            released |= {
+                "auc": m.auc,
+                "accuracy": m.accuracy,
+                "heldout": m.n,
+                "reservation": grant.key,
+                "release": release.as_dict(),
+                "epsilon_heldout": budget.as_figure(grant.projected),
+            }
+        else:
+            released = {"metrics": "withheld", "reason": grant.reason}
     run.recorder().record(
         Action.EVALUATE,
         "evaluate",
         inputs={"aggregate": ref.sha256, "dataset": data.fingerprint},
         outputs={"global_model": version},
-        details={"auc": m.auc, "accuracy": m.accuracy, "heldout": m.n},
+        details=released,
     )
     return {
         "model_hash": version,
-        "auc": m.auc,
-        "accuracy": m.accuracy,
-        "heldout": m.n,
+        "auc": released.get("auc", float("nan")),
+        "accuracy": released.get("accuracy", float("nan")),
+        "heldout": released.get("heldout", 0),
+        "metrics": released["metrics"],
         "seconds": {"evaluate": time.perf_counter() - start},
     }

@@ -62,12 +62,16 @@ class GradSampleMode(StrEnum):
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     epochs: int
-    # Without DP: images per minibatch. With DP: EXPECTED PATIENTS per step (Poisson).
+    # Without DP: images per minibatch. With DP: the expected patients per step the noisy
+    # gradient sum is divided by (a plan figure: a count of this cohort would make the
+    # update depend on how many patients there are, outside the DP bound).
     batch_size: int
     learning_rate: float
     seed: int
     # None trains without DP (the non-DP baseline); otherwise DP-SGD with this noise.
     noise_multiplier: float | None
+    # With DP: the probability each patient joins a step (Poisson); ceil(1/q) steps per epoch.
+    sample_rate: float = 0.25
     # Per-PATIENT clip: bound on the L2 norm of the sum of one patient's image gradients.
     max_grad_norm: float = 1.0
     grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
@@ -81,6 +85,8 @@ class TrainSettings:
             raise StepError("noise multiplier must be positive (None trains without DP)")
         if not self.max_grad_norm > 0:
             raise StepError("max_grad_norm must be positive")
+        if not 0 < self.sample_rate <= 1:
+            raise StepError("sample_rate must be in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +95,8 @@ class TrainOutcome:
     release: Release | None
     n_samples: int  # images (or rows) trained on
     n_patients: int  # privacy units: distinct patients among them
-    max_images_per_patient: int
+    # The training loss never leaves the site (it is not part of the DP release); kept for
+    # local diagnostics and tests.
     mean_loss: float
     device: str
     seconds: float
@@ -118,10 +125,6 @@ class PatientIndex:
     def n_patients(self) -> int:
         return len(self.rows)
 
-    @property
-    def largest(self) -> int:
-        return max(len(r) for r in self.rows)
-
 
 def patient_index(groups: np.ndarray, n_rows: int) -> PatientIndex:
     """Index the patient of every row; `groups` holds one integer patient id per row."""
@@ -138,13 +141,12 @@ def patient_index(groups: np.ndarray, n_rows: int) -> PatientIndex:
     return PatientIndex(inverse=inverse, rows=tuple(np.split(order, bounds)))
 
 
-def patient_release(*, n_patients: int, settings: TrainSettings) -> Release:
-    """The release `train_local` makes: `planned_release` counted in patients."""
+def patient_release(settings: TrainSettings) -> Release:
+    """The release `train_local` makes with DP: `planned_release` of the settings alone."""
     if settings.noise_multiplier is None:
         raise StepError("a release needs a noise multiplier")
     return planned_release(
-        n_samples=n_patients,
-        batch_size=settings.batch_size,
+        sample_rate=settings.sample_rate,
         epochs=settings.epochs,
         noise_multiplier=settings.noise_multiplier,
     )
@@ -376,7 +378,7 @@ def train_local(
     """Train `model` in place on (x, y); return its new parameters and the DP release made.
 
     `groups[i]` is the (pseudonymous) patient of row i. With DP, patients are the sampled and
-    clipped unit, and the release is `patient_release(n_patients=..., settings=settings)`.
+    clipped unit, and the release is `patient_release(settings)`, whatever the cohort.
     """
     if len(x) != len(y) or len(x) == 0:
         raise StepError(f"training data has {len(x)} inputs and {len(y)} labels")
@@ -397,11 +399,11 @@ def train_local(
     losses: list[float] = []
     release = None
     if dp:
-        release = patient_release(n_patients=index.n_patients, settings=settings)
+        release = patient_release(settings)
         generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         q = release.sample_rate
         dpsgd = PatientDPSGD(
-            trainable, settings, expected_batch=q * index.n_patients, generator=generator
+            trainable, settings, expected_batch=float(settings.batch_size), generator=generator
         )
         for _ in range(release.steps):
             chosen = np.flatnonzero(rng.random(index.n_patients) < q)
@@ -439,7 +441,6 @@ def train_local(
         release=release,
         n_samples=len(x),
         n_patients=index.n_patients,
-        max_images_per_patient=index.largest,
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         device=str(device),
         seconds=time.perf_counter() - start,

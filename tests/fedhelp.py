@@ -7,7 +7,9 @@ from pathlib import Path
 from flows.demo import assemble_federation
 from tasks.config import SiteKind
 from tasks.site import init_site, site_toml_text
+from tasks.synthetic import TABULAR_SCHEMA_TOML
 
+# The declared feature schema is that of `write_tabular_cohort`'s tables.
 TABULAR_HEADER = """
 name = "ehr"
 rounds = 2
@@ -21,12 +23,20 @@ kind = "logistic"
 noise_multiplier = 1.0
 max_grad_norm = 1.0
 """
+TABULAR_HEADER += TABULAR_SCHEMA_TOML
 
 
 def tabular_federation(
-    tmp_path: Path, sources: dict, *, header: str = TABULAR_HEADER, purposes=("HRESCH",)
+    tmp_path: Path,
+    sources: dict,
+    *,
+    header: str = TABULAR_HEADER,
+    purposes=("HRESCH",),
+    metrics: str = "exact",
+    budget: float = 10.0,
 ) -> Path:
-    """Tabular sites set up in their own roots, registered and approving the plan."""
+    """Tabular sites set up in their own roots, registered and approving the plan. Exact
+    held-out metrics by default: tests that assert on AUC need the true figure."""
     from ledger import keys
 
     coordinator = keys.load_or_create("coordinator", tmp_path / "coordinator/keys/identity.pem")
@@ -43,8 +53,9 @@ def tabular_federation(
                 coordinator_key=coordinator.public_key.hex(),
                 model_kinds=["logistic"],
                 purposes=list(purposes),
-                epsilon_budget=10.0,
+                epsilon_budget=budget,
                 delta=1e-5,
+                metrics=metrics,
             ),
         )
         for name, (data, table) in sources.items()

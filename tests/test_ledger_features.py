@@ -11,6 +11,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from ledger import LedgerError, VerificationError, jcs, keys, note, queries
+from ledger.accounting import Release, epsilon
 from ledger.entry import Action, Event
 from ledger.proof import check_inclusion, inclusion
 from ledger.store import Ledger, UnreadableError, open_ledger
@@ -328,9 +329,13 @@ def test_a_signed_but_malformed_erase_entry_is_named_not_a_crash(url, details):
 def test_compliance_queries(url):
     ledger = filled(url)
     [summary] = queries.spend_summary(ledger, site="site-a")
-    assert summary["epsilon_cumulative"] == 4.5 and summary["budget_remaining"] == 3.5
-    assert summary["rounds_trained"] == 3
-    assert [r["epsilon_cumulative"] for r in queries.spend(ledger)] == [1.5, 3.0, 4.5]
+    # Entries older than reservations are charged as they stand, recomputed, not believed.
+    release = Release(noise_multiplier=1.1, sample_rate=0.05, steps=20)
+    spent = epsilon([release] * 3, delta=1e-5, accountant="rdp")
+    assert summary["epsilon_spent"] == pytest.approx(spent) and summary["epsilon_recorded"] == 4.5
+    assert summary["budget_remaining"] == pytest.approx(8.0 - spent)
+    assert summary["released"] == 3 and summary["metrics_policy"] == "exact (before policy)"
+    assert [r["state"] for r in queries.spend(ledger)] == ["released"] * 3
     [use] = queries.data_use(ledger)
     assert use["patients_train"] == 40 and use["rounds_trained"].count("job-1/r") == 3
     lineage = queries.lineage(ledger, f"{3:064x}")
@@ -487,10 +492,12 @@ def test_spend_reports_training_without_dp_as_unbounded(tmp_path):
         site,
     )
     [summary] = spend_summary(ledger)
-    assert summary["epsilon_cumulative"] == 0.8 and summary["budget_remaining"] == pytest.approx(
-        1.2
+    one = epsilon(
+        [Release(noise_multiplier=1.0, sample_rate=0.1, steps=10)], delta=1e-5, accountant="prv"
     )
-    assert summary["accountant"] == "prv" and summary["rounds_without_dp"] == 0
+    assert summary["epsilon_spent"] == pytest.approx(one)
+    assert summary["budget_remaining"] == pytest.approx(max(2.0 - one, 0.0))
+    assert summary["accountant"] == "prv" and summary["dp_optouts"] == 0
     ledger.append(
         Event(
             actor="a",
@@ -504,5 +511,5 @@ def test_spend_reports_training_without_dp_as_unbounded(tmp_path):
         site,
     )
     [summary] = spend_summary(ledger)
-    assert summary["epsilon_cumulative"] == UNBOUNDED
-    assert summary["budget_remaining"] == 0.0 and summary["rounds_without_dp"] == 1
+    assert summary["epsilon_spent"] == UNBOUNDED
+    assert summary["budget_remaining"] == 0.0 and summary["dp_optouts"] == 1

@@ -5,16 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger import LedgerError
+from ledger.accounting import Release, epsilon, merged
 from tasks import StepError
-from tasks.privacy import (
-    Release,
-    calibrate_noise,
-    clip_update,
-    epsilon,
-    gaussian_noise,
-    merged,
-    planned_release,
-)
+from tasks.privacy import calibrate_noise, clip_update, gaussian_noise, planned_release
 
 R = Release(noise_multiplier=1.0, sample_rate=0.1, steps=20)
 
@@ -43,12 +37,15 @@ def test_rdp_is_looser_than_prv():
 
 
 def test_unknown_accountant_and_invalid_release():
-    with pytest.raises(StepError, match="unknown accountant"):
+    with pytest.raises(LedgerError, match="unknown accountant"):
         epsilon([R], delta=1e-5, accountant="gdp-ish")
-    with pytest.raises(StepError):
-        Release(noise_multiplier=0.0, sample_rate=0.1, steps=1)
-    with pytest.raises(StepError):
-        Release(noise_multiplier=1.0, sample_rate=1.5, steps=1)
+    for bad in (
+        {"noise_multiplier": 0.0, "sample_rate": 0.1, "steps": 1},
+        {"noise_multiplier": 1.0, "sample_rate": 1.5, "steps": 1},
+        {"noise_multiplier": float("inf"), "sample_rate": 0.1, "steps": 1},
+    ):
+        with pytest.raises(LedgerError):
+            Release(**bad)
 
 
 @settings(max_examples=8, deadline=None)
@@ -100,9 +97,13 @@ def test_calibration_shares_the_target_with_site_level_noise(accountant):
         )
 
 
-def test_planned_release_matches_poisson_loader_shape():
-    r = planned_release(n_samples=100, batch_size=32, epochs=2, noise_multiplier=1.2)
+def test_planned_release_is_a_function_of_the_plan_alone():
+    """ceil(1/q) Poisson steps per epoch at the plan's q: no cohort size enters, so
+    neighbouring cohorts run the same mechanism (the add/remove bound describes it)."""
+    r = planned_release(sample_rate=0.25, epochs=2, noise_multiplier=1.2)
     assert r == Release(noise_multiplier=1.2, sample_rate=0.25, steps=8)
+    assert planned_release(sample_rate=0.3, epochs=1, noise_multiplier=1.0).steps == 4
+    assert planned_release(sample_rate=1.0, epochs=3, noise_multiplier=1.0).steps == 3
 
 
 @given(

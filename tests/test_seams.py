@@ -21,11 +21,10 @@ from tasks.messages import (
     read_report,
     write_report,
 )
-from tasks.privacy import Release, admit, epsilon
 from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
 from tasks.site import DataSettings
 from tasks.strategy import FedAvg
-from tasks.synthetic import write_tabular_cohort
+from tasks.synthetic import tabular_schema, write_tabular_cohort
 
 
 def test_fedavg_matches_numpy_weighted_average():
@@ -45,16 +44,6 @@ def test_fedavg_matches_numpy_weighted_average():
         FedAvg().apply(base, mean[:5])
 
 
-def test_budget_decision_is_pure_and_refuses_exactly_past_the_budget():
-    one = Release(noise_multiplier=1.0, sample_rate=0.1, steps=50)
-    after_two = epsilon([one, one], delta=1e-5, accountant="rdp")
-    yes = admit([one], [one], budget=after_two, delta=1e-5, accountant="rdp")
-    assert yes.admitted and yes.projected == pytest.approx(after_two)
-    no = admit([one], [one], budget=after_two * 0.99, delta=1e-5, accountant="rdp")
-    assert not no.admitted and "budget exhausted" in no.reason
-    assert no.spent == pytest.approx(epsilon([one], delta=1e-5, accountant="rdp"))
-
-
 def test_shared_key_backend_hides_updates_from_the_coordinator_side():
     secret = create_secret_context()
     site, coordinator = SharedKeyCKKS(secret), SharedKeyCKKS(public_context(secret))
@@ -69,8 +58,12 @@ def test_shared_key_backend_hides_updates_from_the_coordinator_side():
 
 def test_data_sources_hash_their_raw_inputs(tmp_path):
     csv = write_tabular_cohort(tmp_path / "t.csv", n_patients=40, seed=3)
-    source = source_for("s", SiteKind.TABULAR, DataSettings(path=csv, labels="outcome"))
+    data = DataSettings(path=csv, labels="outcome")
+    source = source_for("s", SiteKind.TABULAR, data, features=tabular_schema())
     assert isinstance(source, TabularSource)
+    # The schema is part of what the prepared cache is keyed by.
+    other = source_for("s", SiteKind.TABULAR, data, features=tabular_schema()[:-1])
+    assert other.settings() != source.settings()
     before = source.digest()
     ds = source.prepare(secret=b"k" * 32, image_size=32, holdout_fraction=0.25, seed=0)
     assert ds.n_patients_train + ds.n_patients_test == 40

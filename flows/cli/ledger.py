@@ -556,31 +556,18 @@ def ledger_spend(
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
-    """Privacy budget per site: epsilon spent, budget, remaining (--history: over time)."""
+    """Privacy budget per site: epsilon recomputed over every release and live reservation at
+    the site's pinned delta, budget, remaining, opt-outs, metrics policy (--history: each
+    charge)."""
     from ledger import queries
 
     log = _screened(ledger, identities)
     if history or job:
         rows = queries.spend(log, site=site, job=job)
     else:
-        rows = [
-            row | {"epsilon_recomputed": _recomputed_epsilon(log, row)}
-            for row in queries.spend_summary(log, site=site)
-        ]
+        rows = queries.spend_summary(log, site=site)
     _emit(rows, as_json=as_json, as_csv=as_csv, title="privacy spend")
     _note_ignored(log)
-
-
-def _recomputed_epsilon(log: Any, row: dict[str, Any]) -> float | None:
-    """The site's epsilon recomputed by the accountant from every release in the ledger, so
-    the recorded figure need not be taken on trust. None when there is no bounded figure."""
-    from tasks.privacy import epsilon
-    from tasks.site_steps import release_history
-
-    if not isinstance(row["epsilon_cumulative"], float) or not row["accountant"]:
-        return None
-    history = release_history(log, row["site"])
-    return epsilon(history, delta=row["delta"], accountant=row["accountant"])
 
 
 @ledger_app.command("data-use")
