@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class Table:
     (CSV) or row number (SQLite) it came from."""
 
     label: str  # "ehr.csv" or "table 'visits' in ehr.sqlite": file names only, no folders
-    unit: str  # "line" or "row"
+    unit: Literal["line", "row"]
     header_line: int | None  # 1 for CSV; SQLite has no header line
     header: tuple[str, ...]
     rows: tuple[tuple[int, tuple[Any, ...]], ...]
@@ -287,7 +287,10 @@ def encode_feature(feature: Feature, value: Any) -> tuple[float, ...]:
 
 
 def parse_label(value: Any) -> float:
-    flag = parse_boolean(value)
+    try:
+        flag = parse_boolean(value)
+    except _Mismatch:
+        raise _Mismatch("is not a label (0/1 or true/false)") from None
     if flag is None:
         raise _Mismatch("has no label")
     return float(flag)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import sqlite3
+import tomllib
 import traceback
 from pathlib import Path
 
@@ -289,8 +290,8 @@ def _assert_names_the_cell_not_the_value(message: str, column: str, line: int) -
         ("glucose", PHI, "is not a number"),
         ("age", PHI, "is not a number"),
         ("on_statin", PHI, "is not a boolean"),
-        ("outcome", PHI, "is not a boolean"),
-        ("outcome", "2", "is not a boolean"),
+        ("outcome", PHI, "is not a label (0/1 or true/false)"),
+        ("outcome", "2", "is not a label"),
         ("outcome", "", "has no label"),
         ("patient_id", "", "has no patient ID"),
         ("patient_id", "\u200b ", "has no patient ID"),
@@ -381,3 +382,13 @@ def test_a_planted_value_never_reaches_logs(table_csv, tmp_path, caplog) -> None
         _tabular(_planted(table_csv, tmp_path, "glucose", PHI))
     logging.getLogger("medfed.test").exception("ingest failed", exc_info=info.value)
     assert "glucose" in caplog.text and PHI not in caplog.text
+
+
+def test_the_readme_schema_example_is_valid_and_expands_as_it_says() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Tabular sites: the declared feature schema", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    schema = features(*tomllib.loads(example)["features"])
+    stated = section.split("The model's inputs are the expanded columns in declared order, here")
+    names = stated[1].split(". An invalid", 1)[0]
+    assert expanded_names(schema) == tuple(n.strip().strip("`") for n in names.split(","))
