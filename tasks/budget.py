@@ -149,8 +149,8 @@ def reserve(
             "population": str(population),
             "dp": dp,
             "releases": [r.as_dict() for r in releases],
-            "epsilon_before": as_figure(spent),
-            "epsilon_after": as_figure(projected),
+            "epsilon_spent": as_figure(spent),
+            "epsilon_projected": as_figure(projected),
             "epsilon_budget": budget,
             **figures,
         }

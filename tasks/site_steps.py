@@ -490,7 +490,7 @@ def _train_already_recorded(run: SiteRun, data: DatasetRef) -> TrainRef | None:
         return None
     base = ev["inputs"].get("global_model", "")
     recorded = ev.get("privacy") or {}
-    cumulative = recorded.get("epsilon_cumulative", recorded.get("epsilon_before", float("nan")))
+    cumulative = recorded.get("epsilon_cumulative", recorded.get("epsilon_spent", float("nan")))
     cumulative = cumulative if isinstance(cumulative, float | int) else float("inf")
     if ev["action"] == str(Action.REFUSE):
         return TrainRef(

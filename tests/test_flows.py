@@ -259,11 +259,13 @@ def test_spend_counts_site_level_noise_and_matches_the_accountant_recomputed(tmp
     for site, row in rows.items():
         after_noise = ledger.events(job="noisy", round=2, site=site, action="clip_and_noise")
         after_train = ledger.events(job="noisy", round=2, site=site, action="train")
-        recorded = after_noise[0]["privacy"]["epsilon_cumulative"]
-        assert recorded > after_train[0]["privacy"]["epsilon_cumulative"]
-        assert row["epsilon_cumulative"] == pytest.approx(recorded, rel=1e-12)
-        assert row["epsilon_recomputed"] == pytest.approx(recorded, rel=1e-9)
-        assert row["rounds_trained"] == 2 and row["refusals"] == 0
+        assert after_noise[0]["privacy"]["release"]  # charged with DP-SGD's, one reservation
+        recorded = after_train[0]["privacy"]["epsilon_cumulative"]  # after both releases
+        dp_sgd = after_train[0]["privacy"]["epsilon_round"]
+        assert recorded > dp_sgd
+        assert row["epsilon_spent"] == pytest.approx(recorded, rel=1e-9)
+        assert row["epsilon_recorded"] == pytest.approx(recorded, rel=1e-12)
+        assert row["released"] == 2 and row["refusals"] == 0
         # The planned rounds use the whole target (2.0) and not more.
         assert 1.95 <= recorded <= 2.0
 
