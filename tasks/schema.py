@@ -97,8 +97,8 @@ class NumericFeature(_Feature):
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:
-        if not self.min < self.max:
-            raise ValueError(f"feature '{self.name}' needs min < max")
+        if not self.min < self.max or not math.isfinite(self.max - self.min):
+            raise ValueError(f"feature '{self.name}' needs min < max (and a finite range)")
         if self.fill is not None:
             if self.missing == MissingRule.ERROR:
                 raise ValueError(f"feature '{self.name}' refuses missing cells: it takes no fill")
