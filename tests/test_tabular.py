@@ -241,6 +241,7 @@ def test_non_finite_numbers_are_type_errors_and_nan_is_missing() -> None:
     ("spec", "match"),
     [
         ({**AGE, "min": 5, "max": 5}, "min < max"),
+        ({**AGE, "min": -1e308, "max": 1e308}, "finite range"),
         ({**AGE, "max": float("inf")}, "finite"),
         ({**AGE, "fill": 101}, "fill outside"),
         ({**AGE, "min": True}, "not true/false"),
