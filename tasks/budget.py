@@ -30,10 +30,9 @@ from ledger.accounting import (
     State,
     account,
 )
-from ledger.entry import Action, Event, Outcome
+from ledger.entry import Action, Outcome
 from tasks import WorkFailed
 from tasks.messages import parse_utc
-from tasks.record import step_key
 from tasks.site_run import SiteRun
 
 
@@ -54,12 +53,18 @@ class Grant:
     reused: bool = False
 
 
+def pinned_delta(run: SiteRun) -> float:
+    """The delta every figure of this site is stated at: its own policy's (recorded in the
+    ledger before any check uses it), never a federation's."""
+    return run.site.settings.privacy.delta
+
+
 def site_policy(run: SiteRun) -> Policy:
     """The policy this site enforces, from its own `site.toml` (and the plan's accountant)."""
     own = run.site.settings.privacy
     return Policy(
         epsilon_budget=own.epsilon_budget,
-        delta=own.delta,
+        delta=pinned_delta(run),
         accountant=str(run.fed.dp.accountant),
         allow_non_dp=own.allow_non_dp,
         metrics=own.metrics,
@@ -81,23 +86,7 @@ def reserve(
     budget = min(policy.epsilon_budget, run.fed.dp.epsilon_budget)
     when = now or datetime.now(UTC)
     decided: list[Grant] = []
-
-    def event(action: Action, key: str, outcome: Outcome = Outcome.SUCCESS, **fields: Any) -> Any:
-        return (
-            Event(
-                actor=run.name,
-                action=action,
-                outcome=outcome,
-                job=run.job,
-                round=run.round,
-                site=run.name,
-                purpose=run.fed.purpose,
-                legal_basis=run.fed.legal_basis,
-                idempotency_key=key,
-                **fields,
-            ),
-            run.site.identity,
-        )
+    rec = run.recorder()
 
     def decide(read: Any) -> list[Any]:
         acc = account(read(site=run.name), run.name, now=when)
@@ -108,21 +97,16 @@ def reserve(
         items = []
         if acc.policy != policy:
             items.append(
-                event(
+                rec.event(
                     Action.POLICY,
-                    step_key(run.job, run.round, run.name, f"policy-{acc.policies + 1}"),
+                    f"policy-{acc.policies + 1}",
                     privacy=policy.as_dict(),
                     details={"previous": acc.policy.as_dict() if acc.policy else None},
                 )
             )
         figures = {"delta": policy.delta, "accountant": policy.accountant}
         spent = acc.spent(**figures)
-        key = step_key(
-            run.job,
-            run.round,
-            run.name,
-            f"reserve-{population}-{sum(c.job == run.job for c in acc.charges) + 1}",
-        )
+        key = rec.key(f"reserve-{population}-{sum(c.job == run.job for c in acc.charges) + 1}")
         hold = Charge(
             key=key,
             job=run.job,
@@ -156,17 +140,17 @@ def reserve(
         }
         if reason:
             items.append(
-                event(
+                rec.event(
                     Action.REFUSE,
-                    step_key(run.job, run.round, run.name, refusal_step),
-                    Outcome.REFUSED,
+                    refusal_step,
+                    outcome=Outcome.REFUSED,
                     privacy=record,
                     details={"reason": reason},
                 )
             )
         else:
             expires = parse_utc(run.instr.deadline).isoformat()
-            items.append(event(Action.RESERVE, key, privacy=record | {"expires": expires}))
+            items.append(rec.event(Action.RESERVE, key=key, privacy=record | {"expires": expires}))
         decided.append(
             Grant(
                 admitted=not reason,

@@ -34,7 +34,7 @@ class Recorder:
         found = self.ledger.events(idempotency_key=self.key(step), actor=self.signer.name)
         return found[0] if found else None
 
-    def record(
+    def event(
         self,
         action: Action,
         step: str | None = None,
@@ -47,8 +47,9 @@ class Recorder:
         details: dict[str, Any] | None = None,
         recipient: str | None = None,
         key: str | None = None,
-    ) -> Appended:
-        return self.ledger.append(
+    ) -> tuple[Event, Identity]:
+        """The event and its signer, for `Ledger.append_decided` (or `record`)."""
+        return (
             Event(
                 actor=self.signer.name,
                 action=action,
@@ -67,3 +68,7 @@ class Recorder:
             ),
             self.signer,
         )
+
+    def record(self, action: Action, step: str | None = None, **fields: Any) -> Appended:
+        """Append one step's entry (a no-op when its idempotency key is already there)."""
+        return self.ledger.append(*self.event(action, step, **fields))

@@ -374,8 +374,8 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
     dp, fed, rec = run.dp, run.fed, run.recorder()
     base = global_before(run, data.features)
     base_hash = model_hash(base)
-    noise = noise_multiplier_for(run)
     releases = round_releases(run)
+    noise = releases[0].noise_multiplier if releases else None
     if run.round == 1 and releases:
         projected = privacy.plan(
             [], releases, rounds=fed.rounds, delta=dp.delta, accountant=str(dp.accountant)
@@ -436,7 +436,7 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
         privacy_record = {
             "release": outcome.release.as_dict(),
             "epsilon_round": privacy.epsilon(
-                [outcome.release], delta=pinned_delta(run), accountant=str(dp.accountant)
+                [outcome.release], delta=budget.pinned_delta(run), accountant=str(dp.accountant)
             ),
             "max_grad_norm": dp.max_grad_norm,
             "unit": "patient",
@@ -446,7 +446,7 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
         # Over every counted release of the site, this round's (site-level noise included).
         "epsilon_cumulative": budget.as_figure(grant.projected),
         "epsilon_budget": grant.budget,
-        "delta": pinned_delta(run),
+        "delta": budget.pinned_delta(run),
         "accountant": str(dp.accountant),
     }
     out = run.work() / "local.npy"
@@ -475,12 +475,6 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
         reservation=grant.key,
         seconds=time.perf_counter() - start,
     )
-
-
-def pinned_delta(run: SiteRun) -> float:
-    """The delta every figure of this site is stated at: its own policy's, pinned in the
-    ledger (a change is a recorded policy change)."""
-    return run.site.settings.privacy.delta
 
 
 def _train_already_recorded(run: SiteRun, data: DatasetRef) -> TrainRef | None:
@@ -537,7 +531,7 @@ def clip_and_noise(run: SiteRun, trained: TrainRef) -> FileRef:
             "release": release.as_dict(),
             "mechanism": "site-level Gaussian on the clipped update (sensitivity 2 x clip norm)",
             "reservation": trained.reservation,  # charged there, with the DP-SGD release
-            "delta": pinned_delta(run),
+            "delta": budget.pinned_delta(run),
             "accountant": str(dp.accountant),
         }
     digest = save_array(path, clipped)

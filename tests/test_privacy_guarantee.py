@@ -90,6 +90,12 @@ def _set_policy(config: Path, site: str, **values) -> None:
     path.write_text(text)
 
 
+def _reserve(config: Path, job: str, *, timeout: float = 600) -> budget.Grant:
+    """clinic-a's check and hold for one round of the plan, in `job`."""
+    run = _run(config, "clinic-a", job, timeout=timeout)
+    return budget.reserve(run, Population.TRAINING, [ONE_ROUND], dp=True, refusal_step="train")
+
+
 # ---------------------------------------------------------------- 1. concurrent jobs
 
 
@@ -155,13 +161,7 @@ def test_a_plan_without_dp_is_refused_unless_the_site_opts_out_and_then_spend_is
     assert row["epsilon_spent"] == queries.UNBOUNDED and row["budget_remaining"] == 0.0
     assert row["dp_optouts"] == 1 and row["allow_non_dp"] is True and row["policy_changes"] == 1
     # Every later DP check sees the unbounded spend: a DP round is refused.
-    later = budget.reserve(
-        _run(config, "clinic-a", "job-3"),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    later = _reserve(config, "job-3")
     assert not later.admitted and "budget exhausted" in later.reason
 
 
@@ -171,33 +171,15 @@ def test_a_plan_without_dp_is_refused_unless_the_site_opts_out_and_then_spend_is
 def test_the_check_uses_the_pinned_delta_and_a_change_is_on_the_record(tmp_path):
     one, two = (epsilon([ONE_ROUND] * k, delta=DELTA, accountant="prv") for k in (1, 2))
     config = _federation(tmp_path, budget_=(one + two) / 2)
-    first = budget.reserve(
-        _run(config, "clinic-a", "job-1"),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    first = _reserve(config, "job-1")
     assert first.admitted
     # A second round does not fit at delta 1e-5; at delta 0.2 it would (epsilon shrinks as
     # delta grows). Raising delta is a recorded policy change, never a silent one.
     assert epsilon([ONE_ROUND] * 2, delta=0.2, accountant="prv") < (one + two) / 2
-    blocked = budget.reserve(
-        _run(config, "clinic-a", "job-2"),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    blocked = _reserve(config, "job-2")
     assert not blocked.admitted
     _set_policy(config, "clinic-a", delta="0.2")
-    budget.reserve(
-        _run(config, "clinic-a", "job-3"),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    _reserve(config, "job-3")
     fed = load_config(config)
     policies = Ledger(fed.ledger_url, roster=fed.roster()).events(site="clinic-a", action="policy")
     assert [p["privacy"]["delta"] for p in policies] == [DELTA, 0.2]
@@ -240,13 +222,7 @@ def test_a_hold_whose_update_never_left_lapses_and_a_retry_is_charged_once(tmp_p
     assert spent(now) == pytest.approx(one)  # in flight: held against the budget
     assert spent(now + timedelta(seconds=120)) == 0.0  # the round died: nothing left
     # A retry of the same round before the hold lapsed reuses it: one charge.
-    again = budget.reserve(
-        _run(config, "clinic-a", "job-1"),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    again = _reserve(config, "job-1")
     assert again.reused and again.key == grant.key and spent(now) == pytest.approx(one)
 
 
@@ -305,21 +281,9 @@ def test_non_finite_dp_settings_are_rejected_before_anything_is_written(tmp_path
 def test_a_lapsed_hold_is_not_reused_and_the_retry_charges_once(tmp_path):
     config = _federation(tmp_path, budget_=10.0)
     one = epsilon([ONE_ROUND], delta=DELTA, accountant="prv")
-    first = budget.reserve(
-        _run(config, "clinic-a", "job-1", timeout=2),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    first = _reserve(config, "job-1", timeout=2)
     time.sleep(3.0)  # the round died; its deadline (the hold's expiry) passed
-    retry = budget.reserve(
-        _run(config, "clinic-a", "job-1"),
-        Population.TRAINING,
-        [ONE_ROUND],
-        dp=True,
-        refusal_step="train",
-    )
+    retry = _reserve(config, "job-1")
     assert retry.admitted and not retry.reused and retry.key != first.key
     row = _spend(config)["clinic-a"]
     assert row["lapsed"] == 1 and row["held"] == 1
