@@ -255,7 +255,10 @@ def accounts(
         if action in _LEGACY and b.get("outcome") == "success" and "reservation" not in p:
             legacy.append(b)
         acc.stated |= {k: p[k] for k in ("epsilon_budget", "delta", "accountant") if k in p}
-        cumulative = p.get("epsilon_cumulative", p.get("epsilon_projected"))
+        # What an entry claims was spent: a refusal's projection was never spent.
+        cumulative = (
+            p.get("epsilon_projected") if action == RESERVE else p.get("epsilon_cumulative")
+        )
         if isinstance(cumulative, int | float) and math.isfinite(cumulative):
             acc.epsilon_recorded = max(acc.epsilon_recorded, float(cumulative))
     for (site, key), b in reserved.items():

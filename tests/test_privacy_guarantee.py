@@ -402,3 +402,11 @@ def test_a_site_policy_with_an_infinite_budget_is_rejected(tmp_path):
     _set_policy(config, "clinic-a", epsilon_budget="inf")
     with pytest.raises(ConfigError, match="privacy.epsilon_budget"):
         load_site(config.parent / "sites" / "clinic-a")
+
+
+def test_a_refusals_projection_is_not_reported_as_recorded_spend(tmp_path):
+    one, two = (epsilon([ONE_ROUND] * k, delta=DELTA, accountant="prv") for k in (1, 2))
+    config = _federation(tmp_path, budget_=(one + two) / 2)
+    assert _reserve(config, "job-1").admitted and not _reserve(config, "job-2").admitted
+    row = _spend(config)["clinic-a"]
+    assert row["refusals"] == 1 and row["epsilon_recorded"] == pytest.approx(one)
