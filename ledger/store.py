@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import sqlite3
-import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -172,34 +173,33 @@ def _shown(url: str) -> str:
         return repr(url)
 
 
-_engines: dict[str, Engine] = {}
-_engines_lock = threading.Lock()
+# Every engine made in this process, for the fork hook; engine_for's cache stays bounded
+# (an evicted engine is collected and its connections closed, as PostgreSQL needs).
+_made: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+@lru_cache(maxsize=16)
 def engine_for(url: str) -> Engine:
     """One engine per URL per process; tables created on first use."""
-    with _engines_lock:
-        if url in _engines:
-            return _engines[url]
-        try:
-            engine = _new_engine(url)
-            with engine.begin() as conn:
-                if engine.dialect.name == "postgresql":
-                    # Concurrent CREATE TABLE races on PostgreSQL's catalog: take the lock.
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_APPEND_LOCK})
-                SQLModel.metadata.create_all(conn, tables=_TABLES)
-                _upgrade(conn)
-        except (SQLAlchemyError, ArgumentError) as exc:
-            raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
-        _engines[url] = engine
-        return engine
+    try:
+        engine = _new_engine(url)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # Concurrent CREATE TABLE races on PostgreSQL's catalog; take the append lock.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_APPEND_LOCK})
+            SQLModel.metadata.create_all(conn, tables=_TABLES)
+            _upgrade(conn)
+    except (SQLAlchemyError, ArgumentError) as exc:
+        raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
+    _made.add(engine)
+    return engine
 
 
 def _fresh_pools_after_fork() -> None:
     """A forked child must not use its parent's pooled connections (one socket, two
     processes: transactions interleave). SQLAlchemy's recipe: new pools, the inherited
     connections left alone (not closed under the parent)."""
-    for engine in _engines.values():
+    for engine in list(_made):
         engine.dispose(close=False)
 
 
