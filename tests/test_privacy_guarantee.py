@@ -9,7 +9,7 @@ recomputed from the ledger, and once by a second, independent accountant (Google
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import re
 import subprocess
 import sys
@@ -99,35 +99,61 @@ def _reserve(config: Path, job: str, *, timeout: float = 600) -> budget.Grant:
 # ---------------------------------------------------------------- 1. concurrent jobs
 
 
-def _contend(config: str, job: str, start, results) -> None:
-    """One job's train-time budget check at every site, released at once with the others."""
-    runs = [_run(Path(config), site, job) for site in SITES]
-    start.wait()
+def _contend(config: Path, job: str, gate: Path) -> None:
+    """One job's train-time budget check at every site, in a process of its own: ready, then
+    released with the others when `gate` appears; prints (site, job, admitted) lines."""
+    runs = [_run(config, site, job) for site in SITES]
+    (gate.parent / f"ready-{job}").touch()
+    while not gate.exists():
+        time.sleep(0.01)
     for run in runs:
         grant = budget.reserve(
             run, Population.TRAINING, round_releases(run), dp=True, refusal_step="train"
         )
-        results.put((run.name, job, grant.admitted))
+        print(json.dumps([run.name, job, grant.admitted]), flush=True)
+
+
+_CONTENDER = (
+    "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+    "from test_privacy_guarantee import _contend; "
+    "_contend(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))"
+)
 
 
 def test_concurrent_jobs_in_separate_processes_cannot_overspend(tmp_path, url):
-    """Six jobs, each its own process, race for budgets that fit exactly one more round: the
-    check and the hold are one ledger transaction, so one job wins per site and the spend
-    recomputed from the ledger stays within every budget."""
+    """Six jobs, each its own Python process, race for budgets that fit exactly one more
+    round: the check and the hold are one ledger transaction, so one job wins per site and
+    the spend recomputed from the ledger stays within every budget."""
     one, two = (epsilon([ONE_ROUND] * k, delta=DELTA, accountant="prv") for k in (1, 2))
     config = _federation(tmp_path, budget_=(one + two) / 2, ledger_url=url)
-    ctx = multiprocessing.get_context("fork")
-    start, results = ctx.Barrier(6), ctx.Queue()
+    gate = tmp_path / "go"
+    jobs = [f"job-{k}" for k in range(6)]
     procs = [
-        ctx.Process(target=_contend, args=(str(config), f"job-{k}", start, results))
-        for k in range(6)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CONTENDER,
+                str(Path(__file__).parent),
+                str(config),
+                job,
+                str(gate),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for job in jobs
     ]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready-{job}").exists() for job in jobs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    gate.touch()  # every process is past its imports and set-up: all check at once
+    outcomes = []
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
-    outcomes = [results.get(timeout=5) for _ in range(6 * len(SITES))]
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0
+        outcomes += [tuple(json.loads(line)) for line in out.splitlines()]
     for site in SITES:
         admitted = [job for name, job, ok in outcomes if name == site and ok]
         assert len(admitted) == 1, (site, admitted)
