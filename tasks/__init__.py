@@ -22,4 +22,19 @@ class IntegrityError(WorkFailed):
     """An artifact's or message's hash, size or signature does not match its reference."""
 
 
-__all__ = ["IntegrityError", "StepError", "WorkFailed"]
+class Quarantined(StepError):
+    """One input file cannot be used: the site sets it aside and goes on without it.
+
+    ``stage`` is where it failed (read, header, deidentify, pixels, image), ``code`` a short
+    reason that counts are kept by, ``detail`` one sentence naming the attribute or transfer
+    syntax. None of them ever holds a header value or the file's name (folder and file names at
+    hospitals often carry patient IDs): the file is named only in the site-local report."""
+
+    def __init__(self, stage: str, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.stage = stage
+        self.code = code
+        self.detail = detail
+
+
+__all__ = ["IntegrityError", "Quarantined", "StepError", "WorkFailed"]

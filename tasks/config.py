@@ -16,7 +16,7 @@ import math
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -100,6 +100,57 @@ class ModelConfig(_Strict):
         return self
 
 
+class Window(_Strict):
+    """A fixed, public intensity window in modality units (CT: Hounsfield units)."""
+
+    center: float = Field(allow_inf_nan=False)
+    width: float = Field(gt=0, allow_inf_nan=False)
+
+
+class ImagingConfig(_Strict):
+    """How DICOM files become training images (`[images]`); every site applies the same rules.
+
+    Intensities: the modality LUT (rescale slope/intercept) first, PixelPaddingValue masked,
+    then a modality's fixed `windows` entry, or, for a modality without one, the per-image
+    percentile window `percentiles`, mapped to [0, 1]. Shape: the frame is padded to a square
+    (aspect ratio kept) -- or, with `field_of_view_mm`, cropped/padded to that physical square
+    using PixelSpacing -- then resized to model.image_size."""
+
+    # Modalities (0008,0060) that are training images; anything else is quarantined.
+    modalities: tuple[str, ...] = ("CT", "MR", "CR", "DX", "MG", "US", "PT", "NM", "XA", "RF")
+    # CT default: a soft-tissue window (center 40 HU, width 400 HU).
+    windows: dict[str, Window] = {"CT": Window(center=40.0, width=400.0)}
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    field_of_view_mm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Colour images: "luma" (ITU-R BT.601 luma of the RGB image) or "quarantine".
+    colour: Literal["luma", "quarantine"] = "luma"
+    # Multi-frame images: "split" into frames of the same patient, or "quarantine".
+    multiframe: Literal["split", "quarantine"] = "split"
+    max_frames: int = Field(default=256, ge=1, le=4096)
+    # A site stops when more than this share of its listed files is quarantined.
+    max_quarantined_fraction: float = Field(default=0.5, ge=0, le=1, allow_inf_nan=False)
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must list at least one modality")
+        return tuple(m.strip().upper() for m in v)
+
+    @field_validator("windows")
+    @classmethod
+    def _window_keys(cls, v: dict[str, Window]) -> dict[str, Window]:
+        return {k.strip().upper(): w for k, w in v.items()}
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        if not (0 <= low < high <= 100):
+            raise ValueError("must be two percentiles with 0 <= low < high <= 100")
+        return v
+
+
 class DPConfig(_Strict):
     # Every figure must be finite (allow_inf_nan=False): an infinite budget cannot be accounted.
     enabled: bool = True
@@ -161,6 +212,7 @@ class FederationConfig(_Strict):
     site_timeout_seconds: float = Field(default=900.0, gt=0, le=7 * 24 * 3600)
     coordinator_root: Path = Path("coordinator")
     model: ModelConfig = ModelConfig()
+    images: ImagingConfig = ImagingConfig()
     dp: DPConfig = DPConfig(noise_multiplier=1.0)
     ckks: CKKSConfig = CKKSConfig()
     # Written by `medfed register` from the coordinator's root; required to run a job.

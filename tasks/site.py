@@ -50,6 +50,9 @@ class DataSettings(_Strict):
     labels: str
     id_column: str = "patient_id"
     table: str | None = None
+    # DICOM: train on images whose BurnedInAnnotation is YES, or missing where text is commonly
+    # burned in (US, secondary capture). Off, they are quarantined: burned-in text can be PHI.
+    accept_burned_in: bool = False
 
 
 class PrivacyPolicy(_Strict):
