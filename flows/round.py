@@ -50,6 +50,7 @@ class SiteRow:
     bytes_uploaded: int
     seconds: dict[str, float]
     note: str = ""
+    ingest: dict | None = None  # DICOM: files listed / ingested / quarantined by reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,20 @@ def to_markdown(s: RoundSummary) -> str:
         f"| **weighted** | | **{s.weighted_auc:.3f}** | **{s.weighted_accuracy:.3f}** | | | | "
         f"secure_aggregate {s.aggregate_seconds:.2f} |"
     )
+    ingest = [r for r in s.sites if r.ingest]
+    if ingest:
+        lines += [
+            "",
+            "| site | files listed | ingested | images | quarantined (by reason) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in ingest:
+            i = r.ingest or {}
+            reasons = ", ".join(f"{k} {v}" for k, v in i.get("quarantined_by_reason", {}).items())
+            lines.append(
+                f"| {r.site} | {i.get('listed')} | {i.get('ingested')} | {i.get('images')} | "
+                f"{i.get('quarantined')}{' (' + reasons + ')' if reasons else ''} |"
+            )
     if s.message:
         lines += ["", s.message]
     return "\n".join(lines)
@@ -264,6 +279,7 @@ def _row(site: str, trained: SiteOutcome, evaluated: SiteOutcome | None, note: s
         bytes_uploaded=int(update.get("size", 0)),
         seconds=dict(t.get("seconds", {})) | dict(e.get("seconds", {})),
         note=note or trained.reason,
+        ingest=t.get("ingest"),
     )
 
 

@@ -214,6 +214,8 @@ def prepare_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]
         "samples_train": data.n_train,
         "dataset": data.fingerprint,
     }
+    if data.ingest is not None:
+        out["ingest"] = data.ingest  # counts only: which files were set aside stays here
     if run.name == run.fed.keyholder:
         out |= call(publish_keys, run)
     return Status.COMPLETED, "", out
@@ -245,6 +247,7 @@ def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
             "samples": trained.n_samples,
             "epsilon": trained.epsilon,
             "base_model": trained.base_model,
+            "ingest": data.ingest,
             "seconds": {
                 "preprocess": data.seconds,
                 "train": trained.seconds,

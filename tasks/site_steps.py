@@ -22,10 +22,12 @@ from ledger.entry import Action
 from ledger.identities import COORDINATOR
 from tasks import IntegrityError, StepError, budget, models, prepared, privacy, transport
 from tasks.config import FederationConfig
-from tasks.datasource import source_for
+from tasks.datasource import DataSource, source_for
 from tasks.enrollment import open_sealed, seal
 from tasks.files import atomic_write, load_array, model_hash, save_array, sha256_file
 from tasks.messages import keys_job
+from tasks.prepared import PreparedDataset
+from tasks.quarantine import IngestReport, summary_of, write_site_report
 from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
 from tasks.site_run import SiteRun, step_log
 from tasks.strategy import FedAvg
@@ -44,6 +46,7 @@ class DatasetRef:
     features: int
     cached: bool
     seconds: float
+    ingest: dict[str, Any] | None = None  # DICOM: counts listed / ingested / quarantined
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,11 +73,17 @@ class FileRef:
 # ---------------------------------------------------------------- steps
 
 
+def data_source(run: SiteRun) -> DataSource:
+    """The site's data under the plan's rules (feature schema, [images])."""
+    cfg = run.site.settings
+    return source_for(
+        run.name, cfg.kind, cfg.data, features=run.fed.features, imaging=run.fed.images
+    )
+
+
 def prepared_cache_path(run: SiteRun) -> Path:
     """Where the site keeps its prepared split: keyed by raw inputs and prep settings."""
-    cfg = run.site.settings
-    # The federation's feature schema is part of the source's settings, hence of the key.
-    source = source_for(run.name, cfg.kind, cfg.data, features=run.fed.features)
+    source = data_source(run)
     settings = source.settings() | {
         "image_size": run.fed.model.image_size,
         "holdout": run.fed.holdout_fraction,
@@ -86,6 +95,32 @@ def prepared_cache_path(run: SiteRun) -> Path:
     return run.site.cache / f"prepared-{digest[:32]}.npz"
 
 
+def _summary_path(cache: Path) -> Path:
+    return cache.with_suffix(".ingest.json")
+
+
+def _ingest(run: SiteRun, cache: Path) -> tuple[PreparedDataset, dict[str, Any] | None]:
+    """Prepare the split now; the site-local quarantine report is written before any stop."""
+
+    def keep_report(report: IngestReport) -> Path:
+        where = write_site_report(run.site.root, report)
+        step_log().info("site %s: ingest: %s", run.name, report.describe())
+        return where
+
+    ds, report = data_source(run).prepare(
+        secret=run.site.pseudonym_secret(),
+        image_size=run.fed.model.image_size,
+        holdout_fraction=run.fed.holdout_fraction,
+        seed=run.fed.seed,
+        on_report=keep_report,
+    )
+    summary = None if report is None else report.summary()
+    if summary is not None:
+        atomic_write(_summary_path(cache), json.dumps(summary, sort_keys=True).encode())
+    prepared.save_prepared(ds, cache)  # last: a cache file means its summary is there too
+    return ds, summary
+
+
 def preprocess(run: SiteRun) -> DatasetRef:
     """Ingest (or reuse the cached split); recorded once per job (round 0)."""
     start = time.perf_counter()
@@ -94,14 +129,14 @@ def preprocess(run: SiteRun) -> DatasetRef:
     cached = cache.exists()
     if cached:
         ds = prepared.load_prepared(cache)
-    else:
-        ds = source_for(run.name, cfg.kind, cfg.data, features=run.fed.features).prepare(
-            secret=run.site.pseudonym_secret(),
-            image_size=run.fed.model.image_size,
-            holdout_fraction=run.fed.holdout_fraction,
-            seed=run.fed.seed,
+        summary_file = _summary_path(cache)
+        summary = (
+            summary_of(json.loads(summary_file.read_text(encoding="utf-8")))
+            if summary_file.exists()
+            else None
         )
-        prepared.save_prepared(ds, cache)
+    else:
+        ds, summary = _ingest(run, cache)
     unit = "images" if cfg.kind == "dicom" else "rows"
     step_log().info(
         "site %s: %s %d training and %d held-out %s (%d + %d patients)",
@@ -123,6 +158,7 @@ def preprocess(run: SiteRun) -> DatasetRef:
         features=int(ds.x_train.shape[1]) if ds.x_train.ndim == 2 else 0,
         cached=cached,
         seconds=time.perf_counter() - start,
+        ingest=summary,
     )
     rec = run.recorder(round_number=0)
     prior = rec.prior("preprocess")
@@ -140,12 +176,26 @@ def preprocess(run: SiteRun) -> DatasetRef:
             "images_or_rows_heldout": ref.n_test,
             "patients_train": ref.patients_train,
             "patients_heldout": ref.patients_test,
-            "deidentified": True,
             "pseudonymization": "HMAC-SHA256 with a site secret",
             "cached": cached,
-        },
+        }
+        | _dicom_details(ref, cfg.data.accept_burned_in),
     )
     return ref
+
+
+def _dicom_details(ref: DatasetRef, accept_burned_in: bool) -> dict[str, Any]:
+    """What a DICOM site's preprocess entry adds: the ingest counts and the de-identification
+    profile actually applied (which of its options were, and were not)."""
+    if ref.ingest is None:
+        return {}
+    from tasks.deid import PROFILE
+
+    return {
+        "ingest": ref.ingest,
+        "deidentification": PROFILE,
+        "burned_in_annotation": "accepted by site policy" if accept_burned_in else "quarantined",
+    }
 
 
 # ---- CKKS key material

@@ -1,4 +1,4 @@
-"""Small federations for tests: tabular sites set up in their own roots."""
+"""Small federations for tests: tabular or DICOM sites set up in their own roots."""
 
 from __future__ import annotations
 
@@ -59,6 +59,56 @@ def tabular_federation(
             ),
         )
         for name, (data, table) in sources.items()
+    ]
+    config = tmp_path / "federation.toml"
+    assemble_federation(config, header, sites)
+    return config
+
+
+DICOM_HEADER = """
+name = "imaging"
+rounds = 1
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.1
+holdout_fraction = 0.5
+min_sites = 2
+[model]
+kind = "cnn"
+image_size = 16
+hidden = 8
+[dp]
+noise_multiplier = 1.0
+max_grad_norm = 1.0
+"""
+
+
+def dicom_federation(
+    tmp_path: Path, sources: dict, *, header: str = DICOM_HEADER, budget: float = 10.0
+) -> Path:
+    """DICOM sites (name -> (data folder, manifest)) in their own roots, registered and
+    approving the plan; exact held-out metrics."""
+    from ledger import keys
+
+    coordinator = keys.load_or_create("coordinator", tmp_path / "coordinator/keys/identity.pem")
+    sites = [
+        init_site(
+            tmp_path / "sites" / name,
+            settings_text=site_toml_text(
+                name=name,
+                kind=SiteKind.DICOM,
+                data=str(data),
+                labels=str(manifest),
+                federation="imaging",
+                coordinator_key=coordinator.public_key.hex(),
+                model_kinds=["cnn"],
+                purposes=["HRESCH"],
+                epsilon_budget=budget,
+                delta=1e-5,
+                metrics="exact",
+            ),
+        )
+        for name, (data, manifest) in sources.items()
     ]
     config = tmp_path / "federation.toml"
     assemble_federation(config, header, sites)

@@ -15,27 +15,17 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from tasks import StepError, synthetic
 from tasks.cohort import pseudonymize
-from tasks.ingest import (
-    BLANK_TAGS,
-    PHI_TAGS,
-    REMOVE_TAGS,
-    UID_TAGS,
-    RequireContrast,
-    RequireContrastd,
-    check_image,
-    deidentify,
-    image_transform,
-    prepare_dicom_site,
-    read_pixels,
-)
+from tasks.config import ImagingConfig
+from tasks.ingest import prepare_dicom_site
+from tasks.pixels import decode_frames, image_frames
 from tasks.prepared import PreparedDataset, load_prepared, save_prepared
+from tasks.quarantine import IngestReport, TooMuchQuarantined
 from tasks.synthetic import (
     DEMO_SITES,
     MANIFEST_NAME,
@@ -62,8 +52,9 @@ PHI_KEYWORDS = (
 )
 
 
-def _prepare(directory: Path, **overrides: object) -> PreparedDataset:
+def _ingest(directory: Path, **overrides: object) -> tuple[PreparedDataset, IngestReport]:
     kwargs: dict[str, object] = {
+        "site": "st-mary",
         "secret": SECRET,
         "image_size": 32,
         # Each patient's side is its own hash draw: with six patients, a fraction and seed
@@ -73,6 +64,14 @@ def _prepare(directory: Path, **overrides: object) -> PreparedDataset:
     }
     kwargs.update(overrides)
     return prepare_dicom_site(directory, directory / MANIFEST_NAME, **kwargs)  # type: ignore[arg-type]
+
+
+def _prepare(directory: Path, **overrides: object) -> PreparedDataset:
+    return _ingest(directory, **overrides)[0]
+
+
+def _quarantined(report: IngestReport) -> dict[str, str]:
+    return {q.file: q.code for q in report.quarantined}
 
 
 def _manifest(directory: Path) -> list[dict[str, str]]:
@@ -99,6 +98,18 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def small_copy(small: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(small, tmp_path / "copy"))
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    profile = dataclasses.replace(SMALL, n_patients=16)
+    return write_dicom_cohort(profile, tmp_path_factory.mktemp("medium") / "cohort", seed=3)
+
+
+@pytest.fixture()
+def medium_copy(medium: Path, tmp_path: Path) -> Path:
+    """Sixteen patients: enough that setting a few files aside leaves both split sides."""
+    return Path(shutil.copytree(medium, tmp_path / "copy"))
 
 
 # --- synthetic cohorts ------------------------------------------------------------------------
@@ -240,122 +251,31 @@ def test_bad_site_profile_is_rejected() -> None:
         dataclasses.replace(SMALL, rescale_intercept=1000.0)
 
 
-# --- de-identification ------------------------------------------------------------------------
-
-
-def test_deidentify_removes_phi_and_private_tags_without_mutating(small: Path) -> None:
-    ds = pydicom.dcmread(small / "img_00000.dcm")
-    item = Dataset()
-    item.ReferencedSOPClassUID = CTImageStorage
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    item.PatientName = "NESTED^NAME"
-    item.private_block(0x0013, "OTHER VENDOR", create=True).add_new(0x01, "LO", "hidden")
-    ds.ReferencedImageSequence = DicomSequence([item])
-    before = ds.to_json()
-    original_uid = ds.SOPInstanceUID
-
-    out = deidentify(ds, pseudonym="abc123", uid_secret=SECRET)
-
-    assert ds.to_json() == before  # the input is untouched
-    assert not any(elem.tag.is_private for elem in out.iterall())
-    for keyword in REMOVE_TAGS:
-        assert keyword not in out, keyword
-    for keyword in BLANK_TAGS - {"PatientID", "PatientName"}:
-        assert keyword not in out or not out.data_element(keyword).value, keyword
-    assert out.PatientID == "abc123" and str(out.PatientName) == "abc123"
-    assert out.PatientIdentityRemoved == "YES" and out.DeidentificationMethod
-    assert out.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
-    assert not out.ReferencedImageSequence[0].PatientName
-    for keyword in UID_TAGS & set(ds.dir()):
-        assert out.data_element(keyword).value != ds.data_element(keyword).value, keyword
-    assert out.SOPInstanceUID.startswith("2.25.") and out.SOPInstanceUID != original_uid
-    # UIDs are replaced consistently, so references still resolve.
-    assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == out.SOPInstanceUID
-    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
-    assert out.SOPClassUID == CTImageStorage and out.Manufacturer == ds.Manufacturer
-    assert np.array_equal(out.pixel_array, ds.pixel_array)
-    text = str(out)
-    for keyword in set(PHI_KEYWORDS) - {"PatientSex"}:  # a one-letter value is everywhere
-        value = str(ds.data_element(keyword).value)
-        assert value not in text, keyword
-
-
-def test_deidentify_without_keys_blanks_names_and_drops_uids(small: Path) -> None:
-    ds = pydicom.dcmread(small / "img_00001.dcm")
-    out = deidentify(ds)
-    assert not out.PatientID and not out.PatientName
-    assert "SOPInstanceUID" not in out and "StudyInstanceUID" not in out
-    assert PHI_TAGS >= {"PatientName", "PatientID", "PatientAddress", "OtherPatientIDs"}
-    with pytest.raises(StepError, match="UID secret"):
-        deidentify(ds, uid_secret=b"short")
-
-
-# --- pixels and the MONAI pipeline ------------------------------------------------------------
+# --- pixels across the demo's scanners --------------------------------------------------------
 
 
 def _negative_file(directory: Path) -> Path:
     return directory / next(r["file"] for r in _manifest(directory) if r["label"] == "0")
 
 
-def test_modality_lut_is_honoured(demo: dict[str, Path], tmp_path: Path) -> None:
-    transform = image_transform(32)
+def test_scanners_agree_in_hounsfield_units_under_one_fixed_window(
+    demo: dict[str, Path],
+) -> None:
+    """Three scanners store the same tissue under different slope/intercept: decoded through
+    the modality LUT they agree in HU, and the fixed CT window maps them alike."""
+    imaging = ImagingConfig()
     medians = []
     for profile in DEMO_SITES:
         ds = pydicom.dcmread(_negative_file(demo[profile.name]))
-        stored_mean = float(ds.pixel_array.mean())
-        hu = read_pixels(ds, source="x")
-        assert hu.dtype == np.float32
+        (hu,) = decode_frames(ds, imaging=imaging)
         assert abs(float(np.median(hu)) - profile.base_intensity) < 25.0
-        assert abs(stored_mean - profile.base_intensity) > 400.0  # raw values are not HU
-        scaled = transform(hu)
-        assert scaled.shape == (1, 32, 32) and scaled.min() == 0.0 and scaled.max() == 1.0
-        medians.append(float(np.median(scaled)))
-    assert max(medians) - min(medians) < 0.25  # harmonized across scanners
-    assert all(0.2 < m < 0.8 for m in medians)
-
-    # Same HU stored under another slope and intercept reads back the same.
-    ds = pydicom.dcmread(_negative_file(demo[DEMO_SITES[0].name]))
-    hu = read_pixels(ds, source="a")
-    ds.RescaleSlope, ds.RescaleIntercept = 0.5, -2048.0
-    ds.PixelData = np.rint((hu + 2048.0) / 0.5).astype(np.uint16).tobytes()
-    assert np.allclose(read_pixels(ds, source="b"), hu, atol=0.5)
-
-
-def test_monochrome1_is_inverted_and_colour_is_rejected(small: Path) -> None:
-    ds = pydicom.dcmread(small / "img_00000.dcm")
-    hu = read_pixels(ds, source="a.dcm")
-    ds.PhotometricInterpretation = "MONOCHROME1"
-    assert np.array_equal(read_pixels(ds, source="a.dcm"), -hu)
-    ds.PhotometricInterpretation = "RGB"
-    with pytest.raises(StepError, match=r"a\.dcm.*RGB"):
-        read_pixels(ds, source="a.dcm")
-
-
-@pytest.mark.parametrize(
-    ("img", "match"),
-    [
-        (np.full((8, 8), 3.0), "constant"),
-        (np.zeros((2, 8, 8)), "2-D"),
-        (np.zeros(8), "2-D"),
-        (np.array([[0.0, np.nan], [1.0, 2.0]]), "non-finite"),
-    ],
-)
-def test_degenerate_images_raise(img: np.ndarray, match: str) -> None:
-    with pytest.raises(StepError, match=match):
-        check_image(img)
-    with pytest.raises(StepError, match=match):
-        RequireContrast()(img)
-
-
-def test_dict_wrapper_copies_and_requires_its_key() -> None:
-    img = np.arange(16.0).reshape(4, 4)
-    data = {"image": img, "label": 1}
-    out = RequireContrastd(keys="image")(data)
-    assert out is not data and out["image"] is img and out["label"] == 1
-    with pytest.raises(StepError, match="image"):
-        RequireContrastd(keys="image")({"label": 1})
-    with pytest.raises(StepError, match="constant"):
-        RequireContrastd(keys="image")({"image": np.ones((4, 4))})
+        assert abs(float(ds.pixel_array.mean()) - profile.base_intensity) > 400.0  # not HU
+        (img,) = image_frames(ds, modality="CT", imaging=imaging, image_size=32)
+        assert img.shape == (1, 32, 32) and 0.0 <= img.min() and img.max() <= 1.0
+        medians.append(float(np.median(img)))
+    window = imaging.windows["CT"]
+    expected = [(p.base_intensity - window.center) / window.width + 0.5 for p in DEMO_SITES]
+    assert np.allclose(medians, expected, atol=0.07)
 
 
 # --- DICOM sites ------------------------------------------------------------------------------
@@ -414,27 +334,42 @@ def test_load_prepared_rejects_garbage(tmp_path: Path) -> None:
 
 
 def test_logistic_regression_learns_the_lesions(demo: dict[str, Path]) -> None:
-    """Guards the demo: a linear model on 32x32 pixels must find the lesions at one site."""
+    """Guards the demo: on 32x32 images under the fixed CT window, a linear model over the
+    demo model's fixed front end (no DP) finds the lesions at a site."""
+    import torch
+
+    from tasks.models import ScatterFrontEnd
+
+    front = ScatterFrontEnd()
+
     directory = demo[DEMO_SITES[0].name]
-    prepared = prepare_dicom_site(
+    prepared, report = prepare_dicom_site(
         directory,
         directory / MANIFEST_NAME,
+        site="st-mary",
         secret=SECRET,
         image_size=32,
         holdout_fraction=0.3,
         seed=0,
     )
-    model = LogisticRegression(C=0.1, max_iter=2000)
-    model.fit(prepared.x_train.reshape(len(prepared.x_train), -1), prepared.y_train)
-    scores = model.predict_proba(prepared.x_test.reshape(len(prepared.x_test), -1))[:, 1]
-    assert roc_auc_score(prepared.y_test, scores) > 0.8
+    assert report.quarantined == () and report.ingested == report.listed
+    with torch.no_grad():
+        x_train, x_test = (front(torch.from_numpy(x)).numpy() for x in prepared_x(prepared))
+    model = LogisticRegression(C=0.1, max_iter=3000).fit(x_train, prepared.y_train)
+    scores = model.predict_proba(x_test)[:, 1]
+    assert roc_auc_score(prepared.y_test, scores) > 0.85
+
+
+def prepared_x(prepared: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
+    return prepared.x_train, prepared.x_test
 
 
 def test_missing_manifest(small: Path, tmp_path: Path) -> None:
-    with pytest.raises(StepError, match="nowhere.csv"):
+    with pytest.raises(StepError, match="site st-mary: manifest .*nowhere.csv"):
         prepare_dicom_site(
             small,
             tmp_path / "nowhere.csv",
+            site="st-mary",
             secret=SECRET,
             image_size=32,
             holdout_fraction=0.3,
@@ -444,20 +379,57 @@ def test_missing_manifest(small: Path, tmp_path: Path) -> None:
 
 def test_manifest_without_columns(small_copy: Path) -> None:
     (small_copy / MANIFEST_NAME).write_text("path,target\nimg_00000.dcm,1\n")
-    with pytest.raises(StepError, match=r"manifest\.csv.*'file' and 'label'"):
+    with pytest.raises(StepError, match=r"site st-mary: manifest manifest\.csv.*'file' and"):
         _prepare(small_copy)
 
 
-def test_listed_file_missing(small_copy: Path) -> None:
-    (small_copy / "img_00003.dcm").unlink()
-    with pytest.raises(StepError, match=r"img_00003\.dcm.*does not exist"):
-        _prepare(small_copy)
+def test_a_bad_file_is_quarantined_and_the_site_goes_on(medium_copy: Path) -> None:
+    """Missing, not DICOM, truncated, constant: each set aside with its own reason; the rest
+    of the site is ingested and split as before."""
+    whole, _ = _ingest(medium_copy)
+    (medium_copy / "img_00003.dcm").unlink()
+    (medium_copy / "img_00002.dcm").write_text("patient,notes\n")
+    data = (medium_copy / "img_00005.dcm").read_bytes()
+    (medium_copy / "img_00005.dcm").write_bytes(data[:300])  # ends inside the file meta
+    (medium_copy / "img_00006.dcm").write_bytes(data[:1000])  # ends before the pixels
+    ds = pydicom.dcmread(medium_copy / "img_00004.dcm")
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, dtype=np.uint16).tobytes()
+    ds.save_as(medium_copy / "img_00004.dcm")
+
+    prepared, report = _ingest(medium_copy)
+
+    assert _quarantined(report) == {
+        "img_00002.dcm": "not-dicom",
+        "img_00003.dcm": "missing-file",
+        "img_00004.dcm": "constant-image",
+        "img_00005.dcm": "truncated-file",
+        "img_00006.dcm": "no-pixel-data",
+    }
+    assert report.listed == len(_manifest(medium_copy)) == report.ingested + 5
+    assert len(prepared.y_train) + len(prepared.y_test) == report.images == report.ingested
+    assert len(whole.y_train) + len(whole.y_test) == report.images + 5
+    summary = report.summary()
+    assert summary["quarantined_by_reason"] == {
+        "constant-image": 1,
+        "missing-file": 1,
+        "no-pixel-data": 1,
+        "not-dicom": 1,
+        "truncated-file": 1,
+    }
+    assert "img_0000" not in str(summary)  # counts only: names stay in the site report
 
 
-def test_listed_file_not_dicom(small_copy: Path) -> None:
-    (small_copy / "img_00002.dcm").write_text("patient,notes\n")
-    with pytest.raises(StepError, match=r"img_00002\.dcm is not a DICOM file"):
-        _prepare(small_copy)
+def test_a_mostly_unusable_export_stops_the_site(medium_copy: Path) -> None:
+    rows = _manifest(medium_copy)
+    for row in rows[: len(rows) // 2 + 1]:
+        (medium_copy / row["file"]).write_text("not dicom\n")
+    seen: list[IngestReport] = []
+    with pytest.raises(TooMuchQuarantined, match=r"site st-mary: \d+ of the \d+ files .*0\.5"):
+        _ingest(medium_copy, on_report=seen.append)
+    assert seen and len(seen[0].quarantined) == len(rows) // 2 + 1  # reported before stopping
+    lenient = ImagingConfig(max_quarantined_fraction=0.9)
+    _, report = _ingest(medium_copy, imaging=lenient)
+    assert report.by_reason() == {"not-dicom": len(rows) // 2 + 1}
 
 
 @pytest.mark.parametrize("label", ["2", "yes", ""])
@@ -465,7 +437,7 @@ def test_label_not_binary(small_copy: Path, label: str) -> None:
     rows = [(r["file"], r["label"]) for r in _manifest(small_copy)]
     rows[1] = (rows[1][0], label)
     _write_manifest(small_copy, rows)
-    with pytest.raises(StepError, match=rf"line 3 \({rows[1][0]}\).*not 0 or 1"):
+    with pytest.raises(StepError, match=rf"site st-mary: .* line 3 \({rows[1][0]}\).*not 0 or 1"):
         _prepare(small_copy)
 
 
@@ -473,11 +445,15 @@ def test_manifest_path_escaping_the_directory(small_copy: Path) -> None:
     _write_manifest(small_copy, [("../outside.dcm", "0"), ("img_00000.dcm", "1")])
     with pytest.raises(StepError, match="outside.dcm"):
         _prepare(small_copy)
+    (small_copy / "link.dcm").symlink_to(small_copy.parent / "elsewhere.dcm")
+    _write_manifest(small_copy, [("link.dcm", "0"), ("img_00000.dcm", "1")])
+    with pytest.raises(StepError, match=r"link\.dcm\) points outside the data folder"):
+        _prepare(small_copy)
 
 
 def test_single_class_only(small_copy: Path) -> None:
     _write_manifest(small_copy, [(r["file"], "0") for r in _manifest(small_copy)])
-    with pytest.raises(StepError, match=r"manifest\.csv has a single class"):
+    with pytest.raises(StepError, match=r"site st-mary: .*manifest\.csv has a single class"):
         _prepare(small_copy)
 
 
@@ -488,24 +464,83 @@ def test_fewer_than_two_patients(small_copy: Path) -> None:
         by_patient.setdefault(ds.PatientID, []).append(row["file"])
     files = next(f for f in by_patient.values() if len(f) >= 2)
     _write_manifest(small_copy, [(files[0], "0"), (files[1], "1")])
-    with pytest.raises(StepError, match=r"manifest\.csv covers fewer than 2 patients"):
+    with pytest.raises(StepError, match=r"site st-mary: .*covers fewer than 2 patients"):
         _prepare(small_copy)
 
 
-def test_constant_image_names_the_file(small_copy: Path) -> None:
-    ds = pydicom.dcmread(small_copy / "img_00004.dcm")
-    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, dtype=np.uint16).tobytes()
-    ds.save_as(small_copy / "img_00004.dcm")
-    with pytest.raises(StepError, match=r"img_00004\.dcm.*constant"):
-        _prepare(small_copy)
+def _rewrite(path: Path, **attributes: object) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in attributes.items():
+        if value is None:
+            del ds[keyword]
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
 
 
-def test_colour_image_names_the_file(small_copy: Path) -> None:
-    ds = pydicom.dcmread(small_copy / "img_00001.dcm")
-    ds.PhotometricInterpretation = "PALETTE COLOR"
-    ds.save_as(small_copy / "img_00001.dcm")
-    with pytest.raises(StepError, match=r"img_00001\.dcm.*PALETTE COLOR"):
-        _prepare(small_copy)
+def test_objects_that_are_not_training_images_are_quarantined(medium_copy: Path) -> None:
+    _rewrite(medium_copy / "img_00000.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.66.4")  # SEG
+    _rewrite(medium_copy / "img_00001.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.481.2")
+    _rewrite(medium_copy / "img_00002.dcm", Modality="RTDOSE")
+    _rewrite(medium_copy / "img_00003.dcm", Modality=None)
+    _rewrite(medium_copy / "img_00004.dcm", PatientID=None)
+    _, report = _ingest(medium_copy, imaging=ImagingConfig(max_quarantined_fraction=0.9))
+    assert _quarantined(report) == {
+        "img_00000.dcm": "not-an-image",
+        "img_00001.dcm": "not-an-image",
+        "img_00002.dcm": "modality-not-allowed",
+        "img_00003.dcm": "modality-not-allowed",
+        "img_00004.dcm": "no-patient-id",
+    }
+    details = {q.file: q.detail for q in report.quarantined}
+    assert "Segmentation Storage" in details["img_00000.dcm"]
+    assert "RT Dose Storage" in details["img_00001.dcm"]
+    with pytest.raises(TooMuchQuarantined):  # a CT export under an MR-only federation
+        _ingest(medium_copy, imaging=ImagingConfig(modalities=("MR",)))
+
+
+def test_burned_in_annotation_is_quarantined_unless_the_site_accepts_it(
+    medium_copy: Path,
+) -> None:
+    _rewrite(medium_copy / "img_00000.dcm", BurnedInAnnotation="yes ")
+    _rewrite(medium_copy / "img_00001.dcm", Modality="US")  # US with no BurnedInAnnotation
+    _rewrite(medium_copy / "img_00002.dcm", Modality="US", BurnedInAnnotation="NO")
+    _, report = _ingest(medium_copy)
+    assert _quarantined(report) == {
+        "img_00000.dcm": "burned-in-annotation",
+        "img_00001.dcm": "burned-in-annotation",
+    }
+    _, accepted = _ingest(medium_copy, accept_burned_in=True)
+    assert accepted.quarantined == ()
+
+
+def test_a_malformed_header_value_quarantines_naming_the_attribute(medium_copy: Path) -> None:
+    """`NumberOfFrames = 1A` crashed ingest with a traceback; now that file is set aside."""
+    path = medium_copy / "img_00000.dcm"
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 1
+    ds.save_as(path)
+    data = path.read_bytes()
+    at = data.index(b"\x28\x00\x08\x00IS")  # (0028,0008) IS, explicit VR little endian
+    path.write_bytes(data[: at + 8] + b"1A" + data[at + 10 :])
+    _, report = _ingest(medium_copy)
+    (q,) = report.quarantined
+    assert q.file == "img_00000.dcm" and q.code == "malformed-header"
+    assert "NumberOfFrames" in q.detail and "1A" not in q.detail
+
+
+def test_a_multiframe_image_is_frames_of_one_patient(medium_copy: Path) -> None:
+    path = medium_copy / "img_00000.dcm"
+    ds = pydicom.dcmread(path)
+    frame = ds.pixel_array
+    ds.NumberOfFrames = 3
+    ds.PixelData = np.stack([frame, frame[::-1], frame[:, ::-1]]).tobytes()
+    ds.save_as(path)
+    before, _ = _ingest(medium_copy, imaging=ImagingConfig(multiframe="quarantine"))
+    after, report = _ingest(medium_copy)
+    assert report.quarantined == () and report.images == report.listed + 2
+    assert len(after.y_train) + len(after.y_test) == len(before.y_train) + len(before.y_test) + 3
+    assert after.n_patients_train + after.n_patients_test == 16
 
 
 def test_short_secret_is_rejected(small: Path) -> None:

@@ -77,7 +77,19 @@ def round_table(s: Any) -> Table:
         f"n = held-out images · ε cumulative · step times in seconds · "
         f"secure_aggregate {s.aggregate_seconds:.2f} s · model {s.model_hash[:12]}"
     )
+    if s.round == 1:
+        table.caption += "".join(_ingest_line(r.site, r.ingest) for r in s.sites if r.ingest)
     return table
+
+
+def _ingest_line(site: str, ingest: dict) -> str:
+    """Counts only: which files were quarantined is in the site's own quarantine report."""
+    reasons = ", ".join(f"{k} {v}" for k, v in ingest.get("quarantined_by_reason", {}).items())
+    return (
+        f"\n{site}: {ingest.get('listed')} files listed, {ingest.get('ingested')} ingested "
+        f"({ingest.get('images')} images), {ingest.get('quarantined')} quarantined"
+        + (f" ({reasons})" if reasons else "")
+    )
 
 
 def _f(x: float, digits: int = 3) -> str:

@@ -86,15 +86,59 @@ def site_approve(
 
 @site_app.command("check")
 @cli_errors
-def site_check(root: SiteRoot) -> None:
-    """Check what this site can check alone: settings, keys, data and manifest."""
-    from tasks.datasource import source_for
+def site_check(
+    root: SiteRoot,
+    federation: Annotated[
+        Path | None,
+        typer.Option(
+            help="Federation file whose rules to check against (default: the plan "
+            "this site approved last)."
+        ),
+    ] = None,
+) -> None:
+    """Dry-run this site's ingest under the federation's rules, training nothing: settings,
+    keys, manifest, and every listed file ingested or quarantined with a reason. Writes the
+    site-local quarantine report (quarantine/report.csv: file names stay at the site)."""
+    from tasks.config import FederationConfig, load_config, plan_from_dict
+    from tasks.datasource import dry_run
     from tasks.site import load_site
 
     site = load_site(root)
-    _ = site.identity, site.kex_key, site.pseudonym_secret()
-    source_for(site.name, site.settings.kind, site.settings.data).digest()
-    out.print(f"site {site.name}: settings, keys and data are readable")
+    _ = site.identity, site.kex_key
+    if federation is not None:
+        plan: FederationConfig = load_config(federation)
+        rules = f"the rules of {federation}"
+    else:
+        approved = site.latest_approved()
+        if approved is None:
+            raise Failure(
+                f"site {site.name} has approved no plan yet: pass --federation FILE to check "
+                "against a federation's rules",
+                2,
+            )
+        plan = plan_from_dict(approved)
+        rules = "the plan it approved last"
+    report, path = dry_run(
+        site.name,
+        site.settings.kind,
+        site.settings.data,
+        plan=plan,
+        secret=site.pseudonym_secret(),
+        site_root=site.root,
+    )
+    out.print(f"site {site.name}: settings, keys and data are readable under {rules}")
+    if report is not None:
+        out.print(f"site {site.name}: {report.describe()}")
+        for q in _first_per_reason(report):
+            out.print(f"  {q.code}: e.g. {q.stage}: {q.detail}")
+        out.print(f"each quarantined file and its reason: {path}")
+
+
+def _first_per_reason(report):  # noqa: ANN001, ANN202 - a local view of the report
+    seen: dict[str, object] = {}
+    for q in report.quarantined:
+        seen.setdefault(q.code, q)
+    return [seen[k] for k in sorted(seen)]
 
 
 @site_app.command("deploy")
