@@ -553,9 +553,20 @@ def _shape_transforms(
 ) -> list[Any]:
     fov = imaging.field_of_view_mm
     if fov is None:
+        steps: list[Any] = []
+        if spacing is not None and abs(spacing[0] - spacing[1]) > 0.01 * max(spacing):
+            # Non-square pixels (e.g. CR/US): resample to the finer spacing first, so that a
+            # physical circle stays a circle.
+            finest = min(spacing)
+            shape = (
+                max(1, round(shape[0] * spacing[0] / finest)),
+                max(1, round(shape[1] * spacing[1] / finest)),
+            )
+            steps.append(Resize(shape, mode="bilinear"))
         # Pad the shorter axis, centred, so that resizing keeps the aspect ratio.
         side = max(shape)
-        return [SpatialPad(spatial_size=(side, side), method="symmetric", mode="constant")]
+        steps.append(SpatialPad(spatial_size=(side, side), method="symmetric", mode="constant"))
+        return steps
     if spacing is None:
         raise _quarantine(
             "no-pixel-spacing",
@@ -576,7 +587,8 @@ def harmonize(
 ) -> np.ndarray:
     """One frame in modality units (NaN = padding) as ``(1, image_size, image_size)`` float32
     in [0, 1]: windowed (the plan's fixed window for ``modality``, else the per-image
-    percentile window over non-padding pixels), padding set to 0, padded to a square (or
+    percentile window over non-padding pixels), padding set to 0, resampled to square pixels
+    when ``spacing`` says they are not, padded to a square (or
     cropped/padded to ``field_of_view_mm`` using ``spacing``), then resized with area
     interpolation (an average over each output pixel's footprint when shrinking)."""
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 4:

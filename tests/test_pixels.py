@@ -215,6 +215,20 @@ def test_aspect_ratio_is_kept() -> None:
     assert (out[:10] == 0).all() and (out[30:] == 0).all()
 
 
+def test_non_square_pixels_are_resampled_to_square() -> None:
+    """Rows 1 mm apart, columns 0.5 mm: a 20 mm square is 20 rows by 40 columns of pixels,
+    and must come out square, not twice as wide."""
+    frame = np.full((60, 80), -1000.0, dtype=np.float32)
+    frame[20:40, 20:60] = 100.0
+    out = _harmonize(frame, size=40, spacing=(1.0, 0.5))[0]
+    rows, cols = np.nonzero(out > 0.5)
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert abs(int(height) - int(width)) <= 1
+    squashed = _harmonize(frame, size=40, spacing=None)[0]  # spacing unknown: pixels as given
+    rows, cols = np.nonzero(squashed > 0.5)
+    assert np.ptp(cols) + 1 >= 1.8 * (np.ptp(rows) + 1)
+
+
 @pytest.mark.parametrize("fov", [40.0, 60.0])  # crop (both images are 50 mm wide) and pad
 def test_field_of_view_makes_spacings_alike(fov: float) -> None:
     def phantom(spacing: float) -> np.ndarray:

@@ -195,3 +195,77 @@ def test_a_site_over_the_corpus_finishes_a_round_and_keeps_file_names_home(
     texts += [p.read_bytes().decode("latin-1") for p in shared if p.is_file()]
     for text in texts:
         assert PATIENT_FOLDER not in text
+
+
+def test_the_round_artifact_and_table_show_counts_and_no_file_names() -> None:
+    from flows.cli.main import round_table
+    from flows.round import RoundSummary, SiteRow, to_markdown
+    from tasks.quarantine import IngestReport, QuarantinedFile
+
+    report = IngestReport(
+        listed=5,
+        ingested=3,
+        images=12,
+        quarantined=(
+            QuarantinedFile(
+                file=f"{PATIENT_FOLDER}/a.dcm", stage="read", code="not-dicom", detail="x"
+            ),
+            QuarantinedFile(
+                file=f"{PATIENT_FOLDER}/b.dcm", stage="pixels", code="colour", detail="y"
+            ),
+        ),
+    )
+    row = SiteRow(
+        site="corpus",
+        trained=True,
+        auc=0.7,
+        accuracy=0.6,
+        heldout=4,
+        epsilon=1.0,
+        bytes_uploaded=10,
+        seconds={},
+        ingest=report.summary(),
+    )
+    summary = RoundSummary(
+        job="j",
+        round=1,
+        status="committed",
+        model_hash="ab" * 32,
+        weighted_auc=0.7,
+        weighted_accuracy=0.6,
+        aggregate_seconds=0.1,
+        sites=(row,),
+    )
+    markdown = to_markdown(summary)
+    assert "| corpus | 5 | 3 | 12 | 2 (colour 1, not-dicom 1) |" in markdown
+    assert "corpus: 5 files listed, 3 ingested (12 images), 2 quarantined" in str(
+        round_table(summary).caption
+    )
+    assert PATIENT_FOLDER not in markdown + str(report.summary()) + report.describe()
+
+
+def test_site_check_stops_on_a_mostly_unusable_export_with_one_sentence(tmp_path: Path) -> None:
+    import dataclasses
+
+    from fedhelp import dicom_federation
+
+    from tasks.synthetic import DEMO_SITES, MANIFEST_NAME, write_dicom_cohort
+
+    small = dataclasses.replace(DEMO_SITES[0], n_patients=6, image_size=32)
+    good = write_dicom_cohort(small, tmp_path / "good", seed=3)
+    bad = write_dicom_cohort(small, tmp_path / PATIENT_FOLDER, seed=4)
+    for path in sorted(bad.glob("*.dcm"))[:-2]:
+        path.write_bytes(path.read_bytes()[:300])  # cut inside the file meta
+    cfg = dicom_federation(
+        tmp_path, {"good": (good, good / MANIFEST_NAME), "bad": (bad, bad / MANIFEST_NAME)}
+    )
+    ok = _medfed("site", "check", str(tmp_path / "sites" / "good"), timeout=300)
+    assert ok.returncode == 0 and "0 quarantined" in ok.stdout, ok.stderr
+    proc = _medfed("site", "check", str(tmp_path / "sites" / "bad"), "--federation", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("medfed:")]
+    assert "site bad:" in line and "max_quarantined_fraction 0.5" in line
+    rows = list(csv.DictReader((tmp_path / "sites/bad/quarantine/report.csv").open()))
+    assert len(rows) == len(list(bad.glob("*.dcm"))) - 2
+    assert {r["reason"] for r in rows} == {"truncated-file"}

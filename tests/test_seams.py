@@ -65,7 +65,8 @@ def test_data_sources_hash_their_raw_inputs(tmp_path):
     other = source_for("s", SiteKind.TABULAR, data, features=tabular_schema()[:-1])
     assert other.settings() != source.settings()
     before = source.digest()
-    ds = source.prepare(secret=b"k" * 32, image_size=32, holdout_fraction=0.25, seed=0)
+    ds, report = source.prepare(secret=b"k" * 32, image_size=32, holdout_fraction=0.25, seed=0)
+    assert report is None  # tables are all or nothing: no file is quarantined
     assert ds.n_patients_train + ds.n_patients_test == 40
     assert source.digest() == before
     csv.write_text(csv.read_text() + csv.read_text().splitlines()[1] + "\n")
