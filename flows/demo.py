@@ -72,6 +72,11 @@ epsilon_budget = {budget}
 accountant = "prv"
 update_clip_norm = 10.0
 
+[images]
+# The demo's CTs: tissue at 30-65 HU, lesions 40-80 HU brighter. A narrow, fixed window
+# (like a liver window) keeps that contrast; every site applies the same one.
+windows = {{ CT = {{ center = 60.0, width = 160.0 }} }}
+
 [ckks]
 poly_modulus_degree = 8192
 coeff_mod_bit_sizes = [60, 40, 60]

@@ -40,7 +40,8 @@ PROFILE_CODE = "113100"
 PROFILE_MEANING = "Basic Application Confidentiality Profile"
 DEIDENTIFICATION_METHOD = f"DICOM PS3.15 E.1 Basic Profile, Table E.1-1 {TABLE_EDITION}"
 
-# Must stay equal to ingest's label: the same site secret then maps a UID to the same value.
+# The label the site's UID key has been derived under since medfed's first ingest: kept, so a
+# site's replacement UIDs stay what they were.
 _UID_KEY_LABEL = b"medfed/ingest/uid-key"
 _DUMMY_UID = "2.25.0"
 

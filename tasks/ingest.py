@@ -289,9 +289,12 @@ def prepare_dicom_site(
     check_labels(y, where_text)
     if len(set(pseudonyms)) < 2:
         raise StepError(f"{where_text} covers fewer than 2 patients")
-    prepared = assemble_prepared(
-        np.stack(images), y, pseudonyms, holdout_fraction=holdout_fraction, seed=seed
-    )
+    try:
+        prepared = assemble_prepared(
+            np.stack(images), y, pseudonyms, holdout_fraction=holdout_fraction, seed=seed
+        )
+    except StepError as err:
+        raise StepError(f"site {site}: {err}") from err
     return prepared, report
 
 

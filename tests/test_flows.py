@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -289,6 +292,17 @@ def test_dp_demo_leaks_less_than_the_non_dp_demo_at_nearly_the_same_auc(tmp_path
     assert abs(dp_attack - 0.5) < abs(plain_attack - 0.5), outcome
     # Measured at >= 0.98 over 27 simulated runs; 0.95 here leaves room for DP's randomness.
     assert dp_auc >= 0.95 * plain_auc, outcome
+    # The CLI's table for the non-DP job: its sites' epsilon is "unbounded" (a traceback once).
+    plain = tmp_path / "False"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "audit-privacy", str(plain / "federation.toml")]
+        + ["--job", "audit", "--sites", str(plain / "sites")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "unbounded" in proc.stdout, proc.stderr
 
 
 def test_tabular_sites_csv_and_sqlite(tmp_path):

@@ -309,7 +309,9 @@ def audit_privacy(
     for col in ("attack AUC", "members", "non-members", "train loss", "held-out loss", "ε"):
         table.add_column(col, justify="right")
     for r in rows:
-        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        # A site's train entry states "unbounded" once it released a non-DP update.
+        eps = r["epsilon"]
+        eps = "no DP" if eps is None else eps if isinstance(eps, str) else f"{eps:.2f}"
         table.add_row(
             r["site"],
             f"{r['attack_auc']:.3f}",
