@@ -26,6 +26,29 @@ max_grad_norm = 1.0
 TABULAR_HEADER += TABULAR_SCHEMA_TOML
 
 
+def _federation(tmp_path: Path, header: str, settings: dict[str, dict]) -> Path:
+    """Sites (name -> site_toml_text arguments) initialised in their own roots under one
+    coordinator key, registered, and approving the plan of ``header``."""
+    from ledger import keys
+
+    coordinator = keys.load_or_create("coordinator", tmp_path / "coordinator/keys/identity.pem")
+    sites = [
+        init_site(
+            tmp_path / "sites" / name,
+            settings_text=site_toml_text(
+                name=name,
+                coordinator_key=coordinator.public_key.hex(),
+                delta=1e-5,
+                **kwargs,
+            ),
+        )
+        for name, kwargs in settings.items()
+    ]
+    config = tmp_path / "federation.toml"
+    assemble_federation(config, header, sites)
+    return config
+
+
 def tabular_federation(
     tmp_path: Path,
     sources: dict,
@@ -35,34 +58,26 @@ def tabular_federation(
     metrics: str = "exact",
     budget: float = 10.0,
 ) -> Path:
-    """Tabular sites set up in their own roots, registered and approving the plan. Exact
-    held-out metrics by default: tests that assert on AUC need the true figure."""
-    from ledger import keys
-
-    coordinator = keys.load_or_create("coordinator", tmp_path / "coordinator/keys/identity.pem")
-    sites = [
-        init_site(
-            tmp_path / "sites" / name,
-            settings_text=site_toml_text(
-                name=name,
-                kind=SiteKind.TABULAR,
-                data=str(data),
-                labels="outcome",
-                table=table,
-                federation="ehr",
-                coordinator_key=coordinator.public_key.hex(),
-                model_kinds=["logistic"],
-                purposes=list(purposes),
-                epsilon_budget=budget,
-                delta=1e-5,
-                metrics=metrics,
-            ),
-        )
-        for name, (data, table) in sources.items()
-    ]
-    config = tmp_path / "federation.toml"
-    assemble_federation(config, header, sites)
-    return config
+    """Tabular sites (name -> (file, table)) set up in their own roots, registered and
+    approving the plan. Exact held-out metrics by default: tests that assert on AUC need the
+    true figure."""
+    common = {
+        "kind": SiteKind.TABULAR,
+        "labels": "outcome",
+        "federation": "ehr",
+        "model_kinds": ["logistic"],
+        "purposes": list(purposes),
+        "epsilon_budget": budget,
+        "metrics": metrics,
+    }
+    return _federation(
+        tmp_path,
+        header,
+        {
+            name: common | {"data": str(data), "table": table}
+            for name, (data, table) in sources.items()
+        },
+    )
 
 
 DICOM_HEADER = """
@@ -88,28 +103,19 @@ def dicom_federation(
 ) -> Path:
     """DICOM sites (name -> (data folder, manifest)) in their own roots, registered and
     approving the plan; exact held-out metrics."""
-    from ledger import keys
-
-    coordinator = keys.load_or_create("coordinator", tmp_path / "coordinator/keys/identity.pem")
-    sites = [
-        init_site(
-            tmp_path / "sites" / name,
-            settings_text=site_toml_text(
-                name=name,
-                kind=SiteKind.DICOM,
-                data=str(data),
-                labels=str(manifest),
-                federation="imaging",
-                coordinator_key=coordinator.public_key.hex(),
-                model_kinds=["cnn"],
-                purposes=["HRESCH"],
-                epsilon_budget=budget,
-                delta=1e-5,
-                metrics="exact",
-            ),
-        )
-        for name, (data, manifest) in sources.items()
-    ]
-    config = tmp_path / "federation.toml"
-    assemble_federation(config, header, sites)
-    return config
+    common = {
+        "kind": SiteKind.DICOM,
+        "federation": "imaging",
+        "model_kinds": ["cnn"],
+        "purposes": ["HRESCH"],
+        "epsilon_budget": budget,
+        "metrics": "exact",
+    }
+    return _federation(
+        tmp_path,
+        header,
+        {
+            name: common | {"data": str(data), "labels": str(manifest)}
+            for name, (data, manifest) in sources.items()
+        },
+    )
