@@ -269,3 +269,15 @@ def test_site_check_stops_on_a_mostly_unusable_export_with_one_sentence(tmp_path
     rows = list(csv.DictReader((tmp_path / "sites/bad/quarantine/report.csv").open()))
     assert len(rows) == len(list(bad.glob("*.dcm"))) - 2
     assert {r["reason"] for r in rows} == {"truncated-file"}
+
+
+def test_the_readme_images_example_is_a_valid_section() -> None:
+    """The README's `[images]` example parses as the federation's ImagingConfig, and its
+    defaults are the code's defaults (commented lines aside)."""
+    import re
+    import tomllib
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```toml\n(\[images\]\n.*?)```", readme, flags=re.S)
+    section = tomllib.loads(block)["images"]
+    assert ImagingConfig.model_validate(section) == ImagingConfig()
