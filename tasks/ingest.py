@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,12 +107,17 @@ def read_dicom(path: Path) -> Dataset:
     """Parse one file; every failure is a :class:`Quarantined` at stage "read"."""
     if not path.is_file():
         raise Quarantined("read", "missing-file", "is listed in the manifest but does not exist")
+    # From memory, not by path: pydicom names the file it reads in its warnings, and folder
+    # names at hospitals often carry patient IDs.
+    data = path.read_bytes()
     try:
-        # From memory, not by path: pydicom names the file it reads in its warnings, and
-        # folder names at hospitals often carry patient IDs.
-        ds = pydicom.dcmread(io.BytesIO(path.read_bytes()))
+        ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as err:
-        raise Quarantined("read", "not-dicom", "is not a DICOM file (no DICM preamble)") from err
+        ds = bare_dataset(data)
+        if ds is None:
+            raise Quarantined(
+                "read", "not-dicom", "is not a DICOM file (no DICM preamble, no SOP Class UID)"
+            ) from err
     except Exception as err:  # noqa: BLE001 - any parser failure is this file's problem
         raise Quarantined(
             "read", "unreadable-dicom", f"cannot be parsed as DICOM ({type(err).__name__})"
@@ -121,6 +127,21 @@ def read_dicom(path: Path) -> Dataset:
             "read", "truncated-file", "has a DICOM file header and no data set (truncated?)"
         )
     return ds
+
+
+_UID_TEXT = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def bare_dataset(data: bytes) -> Dataset | None:
+    """A data set written without the Part 10 preamble and file meta (older systems export
+    these), or None. Any bytes force-read as *something*, so only a data set that names a
+    well-formed SOP Class UID counts; the later stages check the rest."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        uid = str(ds.get("SOPClassUID", "") or "")
+    except Exception:  # noqa: BLE001 - not DICOM after all
+        return None
+    return ds if _UID_TEXT.match(uid) else None
 
 
 def header_text(ds: Dataset, keyword: str) -> str:

@@ -419,6 +419,23 @@ def test_a_bad_file_is_quarantined_and_the_site_goes_on(medium_copy: Path) -> No
     assert "img_0000" not in str(summary)  # counts only: names stay in the site report
 
 
+def test_a_data_set_without_preamble_or_file_meta_is_still_ingested(
+    medium_copy: Path,
+) -> None:
+    """Older systems export bare data sets (no 128-byte preamble, no DICM, no file meta):
+    recognised by their SOP Class UID and ingested like any other file."""
+    before, _ = _ingest(medium_copy)
+    path = medium_copy / "img_00000.dcm"
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    ds.preamble = None
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert not path.read_bytes()[128:132] == b"DICM"
+    after, report = _ingest(medium_copy)
+    assert report.quarantined == ()
+    assert after.fingerprint == before.fingerprint
+
+
 def test_a_mostly_unusable_export_stops_the_site(medium_copy: Path) -> None:
     rows = _manifest(medium_copy)
     for row in rows[: len(rows) // 2 + 1]:

@@ -133,7 +133,9 @@ def test_every_corpus_file_is_ingested_or_quarantined_with_a_reason(corpus) -> N
     codes = {Path(q.file).name.split("-", 1)[1]: q.code for q in report.quarantined}
     assert codes["DICOMDIR"] == "not-an-image"
     assert codes["rtdose.dcm"] == codes["rtplan.dcm"] == "not-an-image"
-    assert codes["rtstruct.dcm"] == "not-dicom"  # a bare data set without the DICM preamble
+    # A bare data set without the preamble and file meta is still recognised for what it is.
+    assert codes["rtstruct.dcm"] == "not-an-image"
+    assert codes["no_meta.dcm"] == "not-dicom"  # no SOP Class UID either: nothing to go on
 
 
 def _medfed(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
