@@ -288,7 +288,9 @@ def test_dp_demo_leaks_less_than_the_non_dp_demo_at_nearly_the_same_auc(tmp_path
         if dp:
             assert all(0 < r.epsilon <= 2.0 for r in summaries[-1].sites)
     (dp_auc, dp_attack), (plain_auc, plain_attack) = outcome[True], outcome[False]
-    assert plain_attack > 0.55, outcome  # the non-DP model memorised its training patients
+    # The non-DP model memorised its training patients: measured 0.586 and 0.597 under the
+    # demo's window; one attack AUC over ~950 patients has a standard error of about 0.02.
+    assert plain_attack > 0.53, outcome
     assert abs(dp_attack - 0.5) < abs(plain_attack - 0.5), outcome
     # Measured at >= 0.98 over 27 simulated runs; 0.95 here leaves room for DP's randomness.
     assert dp_auc >= 0.95 * plain_auc, outcome
