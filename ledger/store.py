@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import sqlite3
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -252,14 +254,31 @@ def _upgrade(conn: Connection) -> None:
                 index.create(conn)
 
 
+def _switch_to_wal(cur: sqlite3.Cursor, patience_s: float = 60.0) -> None:
+    """Switching a ledger to WAL needs a moment of exclusive access, and SQLite answers
+    "database is locked" at once, without its busy handler, when several processes open
+    one new ledger together (CI saw it with eight). The mode persists, so retry briefly."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + 0.08 * random.random())
+
+
 def _sqlite_serialized_writes(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA busy_timeout=60000")
+        _switch_to_wal(cur)
+        cur.execute("PRAGMA synchronous=FULL")
         cur.close()
 
     @event.listens_for(engine, "begin")
