@@ -79,10 +79,15 @@ update_clip_norm = 10.0
 # AUC 0.50 at 40/400, 0.54-0.60 at 60/160, 0.59-0.60 at 60/120).
 windows = {{ CT = {{ center = 60.0, width = 120.0 }} }}
 
-[ckks]
-poly_modulus_degree = 8192
-coeff_mod_bit_sizes = [60, 40, 60]
-global_scale_bits = 40
+[secure_aggregation]
+# Pairwise-masked updates under BFV: no site, not even with the coordinator, reads another's.
+scheme = "masked-bfv"
+
+[secure_aggregation.bfv]
+poly_modulus_degree = 4096
+coeff_mod_bit_sizes = [36, 36]
+plain_modulus = 1073153
+quantization_bits = 18
 """
 
 

@@ -58,6 +58,7 @@ class PhaseCall:
     instructions: Mapping[str, str]  # site -> signed instruction
     public_keys: Mapping[str, bytes]  # site -> Ed25519 key its report must be signed with
     timeout: float
+    attempt: int = 0  # upload phase: a new attempt after a dropout
 
 
 class Dispatcher(Protocol):
@@ -73,6 +74,7 @@ def signed_report(call: PhaseCall, site: str) -> SiteReport | None:
             site=site,
             phase=call.phase,
             public_key=call.public_keys[site],
+            attempt=call.attempt,
         )
     except StepError as exc:
         log.warning("site %s: its report is unusable: %s", site, exc)
@@ -217,7 +219,8 @@ class WorkerDispatcher:
                 site,
                 str(call.phase),
                 call.timeout,
-                f"{call.job}-r{call.round}-{site}-{call.phase}",
+                f"{call.job}-r{call.round}-{site}-{call.phase}"
+                + (f"-a{call.attempt}" if call.attempt else ""),
             )
             # Outside a flow (the benchmark), Prefect's settings (the API URL) live in context
             # variables: each thread runs in a copy of this one's.

@@ -27,12 +27,13 @@ from flows.dispatch import (
     WorkerDispatcher,
 )
 from tasks import WorkFailed
-from tasks.config import load_config
+from tasks.config import Scheme, load_config
 from tasks.coordinator_steps import (
     CoordinatorRun,
     aggregate,
     commit_round,
     committed_model,
+    record_cohort,
     record_drop,
 )
 from tasks.evaluate import Metrics, weighted
@@ -110,11 +111,15 @@ def dispatcher_for(sites_dir: str | None) -> Dispatcher:
     return InProcessDispatcher(Path(sites_dir)) if sites_dir else WorkerDispatcher()
 
 
+# Instruction fields that differ per site, given as mappings by site.
+PER_SITE = frozenset({"he_secret"})
+
+
 def phase_call(run: CoordinatorRun, phase: Phase, sites: list[str], **refs: Any) -> PhaseCall:
     """Signed instructions for `sites`; refs that differ per site are mappings by site."""
     instructions = {}
     for site in sites:
-        own = {k: (v.get(site) if isinstance(v, dict) else v) for k, v in refs.items()}
+        own = {k: (v.get(site) if k in PER_SITE else v) for k, v in refs.items()}
         instructions[site] = make_instruction(
             signer=run.identity,
             job=run.job,
@@ -134,11 +139,17 @@ def phase_call(run: CoordinatorRun, phase: Phase, sites: list[str], **refs: Any)
         instructions=instructions,
         public_keys={s: run.site_key(s) for s in sites},
         timeout=run.fed.site_timeout_seconds,
+        attempt=refs.get("attempt", 0),
     )
 
 
 def record_drops(
-    run: CoordinatorRun, outcomes: dict[str, SiteOutcome], phase: Phase, logger: Any
+    run: CoordinatorRun,
+    outcomes: dict[str, SiteOutcome],
+    phase: Phase,
+    logger: Any,
+    *,
+    attempt: int = 0,
 ) -> dict[str, str]:
     """Sites that timed out, failed or refused the instruction: a ledger entry each."""
     dropped = {}
@@ -150,16 +161,17 @@ def record_drops(
             continue
         reason = f"{o.outcome}: {o.reason}" if o.reason else str(o.outcome)
         logger.warning("site %s dropped from %s of round %d: %s", site, phase, run.round, reason)
-        record_drop(run, site, str(phase), str(o.outcome), o.reason)
+        label = f"{phase}-a{attempt}" if attempt else str(phase)
+        record_drop(run, site, label, str(o.outcome), o.reason)
         dropped[site] = reason
     return dropped
 
 
 def site_refs(prepared: dict[str, Any]) -> dict[str, Any]:
-    """The CKKS references every instruction after `prepare` carries."""
+    """The key-set references every instruction after `prepare` carries."""
     return {
-        "ckks_public": ref_of(prepared.get("ckks_public")),
-        "ckks_secret": {s: ref_of(r) for s, r in prepared.get("ckks_sealed", {}).items()},
+        "he_public": ref_of(prepared.get("he_public")),
+        "he_secret": {s: ref_of(r) for s, r in prepared.get("he_sealed", {}).items()},
     }
 
 
@@ -173,6 +185,56 @@ def global_model(run: CoordinatorRun) -> GlobalModel:
         model, ref = committed
         aggregates.append(ref)
     return GlobalModel(round=run.round - 1, model_hash=model, aggregates=tuple(aggregates))
+
+
+def upload_cohort(
+    run: CoordinatorRun,
+    dispatcher: Dispatcher,
+    cohort: dict[str, int],
+    refs: dict[str, Any],
+    dropped: dict[str, str],
+    logger: Any,
+) -> tuple[dict[str, SiteOutcome], dict[str, int], int]:
+    """Ask the sites that trained to mask, encrypt and upload for exactly that cohort. When
+    one drops after the others masked, its masks would not cancel: under masked BFV, run the
+    upload again among the sites left, with fresh masks (training is not redone; the update
+    is charged once). Each attempt's cohort is on the ledger before anyone masks for it.
+    Returns the uploads, the cohort they cover and its attempt; `dropped` grows in place."""
+    masked = run.fed.secure_aggregation.scheme == Scheme.MASKED_BFV
+    attempt = -1
+    while len(cohort) >= run.fed.min_sites:
+        attempt = attempt_for(run, cohort, after=attempt)
+        record_cohort(run, cohort, attempt)
+        sites = sorted(cohort)
+        call = phase_call(run, Phase.UPLOAD, sites, cohort=cohort, attempt=attempt, **refs)
+        uploads = dispatcher.run(call, sites)
+        dropped |= record_drops(run, uploads, Phase.UPLOAD, logger, attempt=attempt)
+        left = {s: n for s, n in cohort.items() if uploads[s].outcome == Outcome.COMPLETED}
+        if len(left) == len(cohort) or (not masked and len(left) >= run.fed.min_sites):
+            return uploads, left, attempt
+        if len(left) >= run.fed.min_sites:
+            logger.warning(
+                "round %d: %s did not upload after the others masked; masking again among %s",
+                run.round,
+                ", ".join(sorted(set(cohort) - set(left))),
+                ", ".join(sorted(left)),
+            )
+        cohort = left
+    raise WorkFailed(
+        f"round {run.round}: only {len(cohort)} sites uploaded, fewer than min_sites="
+        f"{run.fed.min_sites}; the trained updates are kept: retry the round"
+    )
+
+
+def attempt_for(run: CoordinatorRun, cohort: dict[str, int], *, after: int) -> int:
+    """The first attempt after `after` that is new, or already recorded for this very cohort
+    (a retried round reuses its uploads): a recorded cohort is never changed."""
+    attempt = after + 1
+    while (prior := run.recorder().prior(f"cohort-a{attempt}")) is not None:
+        if prior["details"].get("cohort") == dict(sorted(cohort.items())):
+            return attempt
+        attempt += 1
+    return attempt
 
 
 def run_round(
@@ -219,12 +281,14 @@ def run_round(
             message=message,
         )
 
-    public = run.paths.ckks_public.read_bytes() if run.paths.ckks_public.exists() else None
+    public = run.paths.he_public.read_bytes() if run.paths.he_public.exists() else None
     if public is None:
-        from tasks.coordinator_steps import public_ckks
+        from tasks.coordinator_steps import public_he
 
-        public = public_ckks(run, prepared)
-    agg = aggregate(run, [trained[s].report for s in done], public)
+        public = public_he(run, prepared)
+    cohort = {s: int(trained[s].report.data["samples"]) for s in done}  # type: ignore[union-attr]
+    uploads, cohort, attempt = upload_cohort(run, dispatcher, cohort, refs, dropped, logger)
+    agg = aggregate(run, [uploads[s].report for s in cohort], cohort, attempt, public)
     evaluators = [s for s in active if s not in dropped]
     evals = dispatcher.run(
         phase_call(
@@ -260,15 +324,23 @@ def run_round(
         weighted_auc=overall.auc,
         weighted_accuracy=overall.accuracy,
         aggregate_seconds=agg.seconds,
-        sites=tuple(_row(s, trained[s], evals.get(s), dropped.get(s, "")) for s in active),
+        sites=tuple(
+            _row(s, trained[s], evals.get(s), dropped.get(s, ""), uploads.get(s)) for s in active
+        ),
         dropped=tuple(sorted(dropped)),
     )
 
 
-def _row(site: str, trained: SiteOutcome, evaluated: SiteOutcome | None, note: str = "") -> SiteRow:
+def _row(
+    site: str,
+    trained: SiteOutcome,
+    evaluated: SiteOutcome | None,
+    note: str = "",
+    uploaded: SiteOutcome | None = None,
+) -> SiteRow:
     t = trained.report.data if trained.report else {}
     e = evaluated.report.data if evaluated and evaluated.report else {}
-    update = t.get("update") or {}
+    u = uploaded.report.data if uploaded and uploaded.report else {}
     return SiteRow(
         site=site,
         trained=trained.outcome == Outcome.COMPLETED,
@@ -276,8 +348,10 @@ def _row(site: str, trained: SiteOutcome, evaluated: SiteOutcome | None, note: s
         accuracy=e.get("accuracy", float("nan")),
         heldout=e.get("heldout", 0),
         epsilon=float("nan") if t.get("epsilon") is None else float(t["epsilon"]),  # None: no DP
-        bytes_uploaded=int(update.get("size", 0)),
-        seconds=dict(t.get("seconds", {})) | dict(e.get("seconds", {})),
+        bytes_uploaded=int((u.get("update") or {}).get("size", 0)),
+        seconds=dict(t.get("seconds", {}))
+        | dict(u.get("seconds", {}))
+        | dict(e.get("seconds", {})),
         note=note or trained.reason,
         ingest=t.get("ingest"),
     )

@@ -25,14 +25,14 @@ from flows.round import (
     record_drops,
 )
 from ledger.entry import Action
-from tasks import WorkFailed
+from tasks import WorkFailed, secure_agg
 from tasks.config import ConfigError, FederationConfig, load_config
 from tasks.coordinator_steps import (
     CoordinatorRun,
     check_enrolled,
     checkpoint,
     job_start_digest,
-    public_ckks,
+    public_he,
 )
 from tasks.messages import Phase
 
@@ -86,6 +86,7 @@ def start_job(run: CoordinatorRun) -> None:
             "model": str(fed.model.kind),
             "dp": fed.dp.model_dump(mode="json"),
             "min_sites": fed.min_sites,
+            "secure_aggregation": secure_agg.parameters(fed),
         },
     )
 
@@ -99,7 +100,7 @@ def prepare_sites(run: CoordinatorRun, sites_dir: str | None, logger) -> dict:
     holder = run.fed.keyholder
     if holder not in active:
         raise WorkFailed(
-            f"the CKKS key-holding site {holder} did not prepare "
+            f"the key-holding site {holder} did not prepare "
             f"({dropped.get(holder, 'no report')}); nobody trained"
         )
     if len(active) < run.fed.min_sites:
@@ -111,10 +112,10 @@ def prepare_sites(run: CoordinatorRun, sites_dir: str | None, logger) -> dict:
     state = {
         "active": active,
         "dropped": dropped,
-        "ckks_public": keys["ckks_public"],
-        "ckks_sealed": keys.get("ckks_sealed", {}),
+        "he_public": keys["he_public"],
+        "he_sealed": keys.get("he_sealed", {}),
     }
-    public_ckks(run, state)  # checks the key holder's signature; keeps the public context
+    public_he(run, state)  # checks the key holder's signature; keeps the public context
     run.paths.save_state(run.job, "prepare", state)
     return state
 

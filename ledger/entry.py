@@ -44,6 +44,8 @@ class Action(StrEnum):
         "refuse_instruction"  # a site declines an instruction: signature, plan, policy
     )
     DROP = "drop"  # the coordinator drops a site from a round: timed out or failed
+    # The coordinator names the sites one upload attempt of a round masks for and sums.
+    COHORT = "cohort"
     CLIP_AND_NOISE = "clip_and_noise"
     ENCRYPT = "encrypt"
     UPLOAD = "upload"

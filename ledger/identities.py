@@ -55,6 +55,7 @@ ROLE_ACTIONS: Mapping[Role, frozenset[str]] = {
                 Action.ENROLL,
                 Action.JOB_START,
                 Action.DROP,
+                Action.COHORT,
                 Action.SECURE_AGGREGATE,
                 Action.COMMIT_ROUND,
                 Action.JOB_END,

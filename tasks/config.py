@@ -62,7 +62,7 @@ class SiteEntry(_Strict):
     name: Slug
     kind: SiteKind
     public_key: HexKey  # Ed25519: signs the site's ledger entries, reports and artifacts
-    kex_key: HexKey  # X25519: receives the CKKS secret sealed by the key-holding site
+    kex_key: HexKey  # X25519: receives the sealed encryption secret; agrees pairwise masks
 
 
 class Identities(_Strict):
@@ -177,10 +177,52 @@ class DPConfig(_Strict):
         return self
 
 
-class CKKSConfig(_Strict):
-    # The site that creates the CKKS key set (default: the first site listed). It seals the
-    # secret to each other site's X25519 key; the coordinator receives the public context.
+class Scheme(StrEnum):
+    # Pairwise-masked, quantized updates under BFV: nobody reads one site's update, not even
+    # a site together with the coordinator (tasks.masking, tasks.bfv).
+    MASKED_BFV = "masked-bfv"
+    # One CKKS key set shared by all sites: any site can decrypt any update (tasks.ckks).
+    CKKS = "ckks"
+
+
+class BFVConfig(_Strict):
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (36, 36)
+    plain_modulus: int = Field(default=1073153, gt=2)
+    # Each site's weighted update in 2^(bits-1) steps per clamp bound (tasks.masking).
+    quantization_bits: int = Field(default=18, ge=2, le=30)
+
+    @field_validator("poly_modulus_degree")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 1024 or v > 32768 or v & (v - 1):
+            raise ValueError("must be a power of two between 1024 and 32768")
+        return v
+
+    @model_validator(mode="after")
+    def _batching(self) -> Self:
+        if self.plain_modulus % (2 * self.poly_modulus_degree) != 1:
+            raise ValueError(
+                f"plain_modulus must be a prime equal to 1 modulo 2 x poly_modulus_degree "
+                f"({2 * self.poly_modulus_degree}) for batching"
+            )
+        if 2 ** (self.quantization_bits - 1) >= self.plain_modulus // 4:
+            raise ValueError(
+                "quantization_bits leaves no headroom below plain_modulus: a sum could wrap"
+            )
+        return self
+
+
+class SecureAggregationConfig(_Strict):
+    scheme: Scheme = Scheme.MASKED_BFV
+    # The site that creates the shared encryption key set (default: the first site listed).
+    # It seals the secret to each other site's X25519 key; the coordinator receives the
+    # public context only.
     keyholder: Slug | None = None
+    bfv: BFVConfig = BFVConfig()
+
+
+class CKKSConfig(_Strict):
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
     global_scale_bits: int = Field(default=40, ge=20, le=60)
@@ -214,7 +256,8 @@ class FederationConfig(_Strict):
     model: ModelConfig = ModelConfig()
     images: ImagingConfig = ImagingConfig()
     dp: DPConfig = DPConfig(noise_multiplier=1.0)
-    ckks: CKKSConfig = CKKSConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    ckks: CKKSConfig = CKKSConfig()  # the parameters of scheme "ckks"
     # Written by `medfed register` from the coordinator's root; required to run a job.
     identities: Identities | None = None
     # Tabular federations only: the declared feature schema, `[[features]]` (tasks.schema).
@@ -250,8 +293,15 @@ class FederationConfig(_Strict):
         keys = [s.public_key for s in self.sites] + [s.kex_key for s in self.sites]
         if len(set(keys)) != len(keys):
             raise ValueError("every site needs its own public keys (two sites share one)")
-        if self.ckks.keyholder is not None and self.ckks.keyholder not in names:
-            raise ValueError(f"ckks.keyholder '{self.ckks.keyholder}' is not a listed site")
+        holder = self.secure_aggregation.keyholder
+        if holder is not None and holder not in names:
+            raise ValueError(f"secure_aggregation.keyholder '{holder}' is not a listed site")
+        bfv = self.secure_aggregation.bfv
+        if 2 ** (bfv.quantization_bits - 1) + len(self.sites) >= bfv.plain_modulus // 2:
+            raise ValueError(
+                f"{len(self.sites)} sites with {bfv.quantization_bits}-bit quantization could "
+                f"wrap plain_modulus {bfv.plain_modulus}: use fewer bits or a larger modulus"
+            )
         return self
 
     @model_validator(mode="after")
@@ -272,7 +322,7 @@ class FederationConfig(_Strict):
 
     @property
     def keyholder(self) -> str:
-        return self.ckks.keyholder or self.sites[0].name
+        return self.secure_aggregation.keyholder or self.sites[0].name
 
     def check_runnable(self) -> None:
         """What a job needs beyond a valid file (sites are registered one at a time)."""
@@ -309,7 +359,10 @@ class FederationConfig(_Strict):
         paths and timeouts. Its digest (`plan_digest`) pins a job to it."""
         return self.model_dump(
             mode="json", exclude={"coordinator_root", "site_timeout_seconds"}
-        ) | {"ckks": self.ckks.model_dump(mode="json") | {"keyholder": self.keyholder}}
+        ) | {
+            "secure_aggregation": self.secure_aggregation.model_dump(mode="json")
+            | {"keyholder": self.keyholder}
+        }
 
 
 def plan_digest(plan: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
-"""The coordinator's steps: register sites, drop the ones that failed, aggregate ciphertexts
-from public material only, commit the round. Each is recorded in the ledger under the
-coordinator's key with the idempotency key `job/r<round>/coordinator/<step>`.
+"""The coordinator's steps: register sites, drop the ones that failed, name each upload
+attempt's cohort, aggregate ciphertexts from public material only, commit the round. Each is
+recorded in the ledger under the coordinator's key with the idempotency key
+`job/r<round>/coordinator/<step>`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Any
 from ledger.entry import Action, Outcome
 from ledger.keys import Identity
 from ledger.store import Ledger
-from tasks import WorkFailed, transport
-from tasks.config import ConfigError, FederationConfig, SiteEntry, plan_digest
+from tasks import WorkFailed, secure_agg, transport
+from tasks.config import ConfigError, FederationConfig, Scheme, SiteEntry, plan_digest
 from tasks.enrollment import read_enrollment
 from tasks.evaluate import Metrics, weighted
 from tasks.keyring import COORDINATOR, CoordinatorPaths, coordinator_identity, log_identity
 from tasks.messages import SiteReport, keys_job, ref_of
 from tasks.record import Recorder, step_key
-from tasks.secure_agg import SharedKeyCKKS
 from tasks.strategy import FedAvg
 
 
@@ -155,28 +155,48 @@ class AggregateRef:
     seconds: float
 
 
-def public_ckks(run: CoordinatorRun, prepared: Mapping[str, Any]) -> bytes:
-    """The CKKS public context, as published (and signed) by the key-holding site."""
-    ref = ref_of(prepared.get("ckks_public"))
+def public_he(run: CoordinatorRun, prepared: Mapping[str, Any]) -> bytes:
+    """The public encryption context, as published (and signed) by the key-holding site."""
+    ref = ref_of(prepared.get("he_public"))
     if ref is None:
-        raise WorkFailed("the key-holding site published no CKKS public context")
+        raise WorkFailed("the key-holding site published no public encryption context")
     holder = run.fed.keyholder
     data = transport.fetch(
         ref,
         public_key=run.site_key(holder),
         job=keys_job(run.fed.name),
         round=0,
-        kind="ckks_public",
+        kind="he_public",
         site=holder,
     )
     from ledger import keys as ledger_keys
 
-    ledger_keys.write_secret(run.paths.ckks_public, data)
+    ledger_keys.write_secret(run.paths.he_public, data)
     return data
 
 
-def aggregate(run: CoordinatorRun, reports: Sequence[SiteReport], public: bytes) -> AggregateRef:
-    """Weighted ciphertext sum over the sites whose signed updates verify."""
+def record_cohort(run: CoordinatorRun, cohort: Mapping[str, int], attempt: int) -> None:
+    """The cohort of one upload attempt, on the ledger before any site masks for it: every
+    site checks its instruction against this entry, so all of them mask for the same set."""
+    run.recorder().record(
+        Action.COHORT,
+        f"cohort-a{attempt}",
+        details={
+            "cohort": dict(sorted(cohort.items())),
+            "attempt": attempt,
+            "scheme": str(run.fed.secure_aggregation.scheme),
+        },
+    )
+
+
+def aggregate(
+    run: CoordinatorRun,
+    reports: Sequence[SiteReport],
+    cohort: Mapping[str, int],
+    attempt: int,
+    public: bytes,
+) -> AggregateRef:
+    """The ciphertext sum over one attempt's cohort, every signed update verified."""
     start = time.perf_counter()
     saved = run.paths.load_state(run.job, f"r{run.round:04d}-aggregate")
     if saved is not None and run.recorder().prior("secure_aggregate") is not None:
@@ -189,6 +209,8 @@ def aggregate(run: CoordinatorRun, reports: Sequence[SiteReport], public: bytes)
         raise WorkFailed(
             f"round {run.round}: {len(reports)} updates, fewer than min_sites={run.fed.min_sites}"
         )
+    if {r.site for r in reports} != set(cohort):
+        raise WorkFailed(f"round {run.round}: the uploads do not cover the cohort they masked for")
     refs = {r.site: ref_of(r.data.get("update")) for r in reports}
     blobs = []
     for r in reports:
@@ -205,11 +227,12 @@ def aggregate(run: CoordinatorRun, reports: Sequence[SiteReport], public: bytes)
                 site=r.site,
             )
         )
-    weights = FedAvg().weights({r.site: int(r.data["samples"]) for r in reports})
-    summed = SharedKeyCKKS(public).aggregate(blobs, [weights[r.site] for r in reports])
+    weights = FedAvg().weights(dict(cohort))
+    backend = secure_agg.backend(run.fed, public)
+    summed = backend.aggregate(blobs, [weights[r.site] for r in reports])
     ref = transport.publish(
         run.fed.artifact_store,
-        f"{run.job}/r{run.round:04d}/aggregate.ckks",
+        f"{run.job}/r{run.round:04d}/aggregate.he",
         summed,
         job=run.job,
         round=run.round,
@@ -222,7 +245,16 @@ def aggregate(run: CoordinatorRun, reports: Sequence[SiteReport], public: bytes)
         "secure_aggregate",
         inputs={site: ref_.sha256 for site, ref_ in refs.items() if ref_ is not None},
         outputs={"aggregate": ref.sha256},
-        details={"weights": weights, "uri": ref.uri, "bytes": ref.size, "sites": sorted(weights)},
+        details={
+            "scheme": str(backend.scheme),
+            # Which set this aggregate covers: the masks cancel over exactly this cohort.
+            "sites": sorted(weights),
+            "attempt": attempt,
+            "weights": weights,
+            "weighted_at": "sites" if backend.scheme == Scheme.MASKED_BFV else "coordinator",
+            "uri": ref.uri,
+            "bytes": ref.size,
+        },
     )
     run.paths.save_state(
         run.job,

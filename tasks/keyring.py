@@ -4,7 +4,7 @@
 COORDINATOR_ROOT/
   keys/identity.pem    Ed25519: signs instructions, aggregates and its ledger entries (0600)
   keys/log.pem         Ed25519: signs the ledger's C2SP checkpoints (0600)
-  keys/ckks.public     the CKKS public context received from the key-holding site
+  keys/he.public       the secure-aggregation public context received from the key-holding site
   log/<ledger>.checkpoint  the checkpoint the log key signed last, kept outside the database:
                        the coordinator never signs a log that does not extend it
   jobs/<job>/...       references the coordinator needs to resume a job (public material)
@@ -44,8 +44,8 @@ class CoordinatorPaths:
         return self.root / "keys" / "log.pem"
 
     @property
-    def ckks_public(self) -> Path:
-        return self.root / "keys" / "ckks.public"
+    def he_public(self) -> Path:
+        return self.root / "keys" / "he.public"
 
     def last_checkpoint(self, ledger_url: str) -> Path:
         """The checkpoint the log key signed last for the ledger at `ledger_url`."""

@@ -38,7 +38,8 @@ NONCE_BYTES = 16
 
 class Phase(StrEnum):
     PREPARE = "prepare"  # once per job run: check, preprocess, key material; nobody trains
-    TRAIN = "train"  # preprocess (cached) -> train -> clip_and_noise -> encrypt -> upload
+    TRAIN = "train"  # preprocess (cached) -> train -> clip_and_noise (the update stays here)
+    UPLOAD = "upload"  # for the named cohort: mask and encrypt -> upload (again on a dropout)
     EVALUATE = "evaluate"  # fetch aggregate -> decrypt -> strategy update -> evaluate
     WITNESS = "witness"  # check the ledger extends what the site saw; cosign its checkpoint
 
@@ -75,8 +76,12 @@ class Instruction(_Msg):
     nonce: str
     global_model: GlobalModel | None = None
     aggregate: ArtifactRef | None = None
-    ckks_public: ArtifactRef | None = None
-    ckks_secret: ArtifactRef | None = None  # the CKKS secret sealed to this site
+    he_public: ArtifactRef | None = None
+    he_secret: ArtifactRef | None = None  # the encryption secret sealed to this site
+    # Upload phase: the sites whose updates are summed (site -> training samples, which give
+    # the FedAvg weights) and the attempt (a new one, with fresh masks, after a dropout).
+    cohort: dict[str, int] | None = None
+    attempt: int = Field(default=0, ge=0)
 
 
 class SiteReport(_Msg):
@@ -87,6 +92,7 @@ class SiteReport(_Msg):
     site: str
     status: Status
     instruction: str  # sha256 of the instruction's signed bytes
+    attempt: int = 0
     reason: str = ""
     data: dict[str, Any] = Field(default_factory=dict)
 
@@ -178,20 +184,28 @@ def keys_job(federation: str) -> str:
     return f"{federation}-keys"
 
 
-def report_key(job: str, round: int, site: str, phase: Phase) -> str:
-    return f"{job}/r{round:04d}/{site}.{phase}.report.json"
+def report_key(job: str, round: int, site: str, phase: Phase, attempt: int = 0) -> str:
+    suffix = f"-a{attempt}" if attempt else ""
+    return f"{job}/r{round:04d}/{site}.{phase}{suffix}.report.json"
 
 
 def write_report(store: str, report: SiteReport, signer: Identity) -> str:
-    key = report_key(report.job, report.round, report.site, report.phase)
+    key = report_key(report.job, report.round, report.site, report.phase, report.attempt)
     return transport.put_bytes(store, key, _signed(REPORT_DOMAIN, report, signer).encode())
 
 
 def read_report(
-    store: str, *, job: str, round: int, site: str, phase: Phase, public_key: bytes
+    store: str,
+    *,
+    job: str,
+    round: int,
+    site: str,
+    phase: Phase,
+    public_key: bytes,
+    attempt: int = 0,
 ) -> SiteReport | None:
-    """The site's signed report for (job, round, phase), or None when there is none yet."""
-    key = report_key(job, round, site, phase)
+    """The site's signed report for (job, round, phase, attempt), or None when there is none."""
+    key = report_key(job, round, site, phase, attempt)
     data = transport.get_bytes(store, key)
     if data is None:
         return None
@@ -200,7 +214,13 @@ def read_report(
         report = SiteReport.model_validate(fields)
     except ValidationError as exc:
         raise IntegrityError(f"report {key} is malformed") from exc
-    if (report.job, report.round, report.site, report.phase) != (job, round, site, phase):
+    if (report.job, report.round, report.site, report.phase, report.attempt) != (
+        job,
+        round,
+        site,
+        phase,
+        attempt,
+    ):
         raise IntegrityError(f"report {key} is signed for another job, round, site or phase")
     return report
 

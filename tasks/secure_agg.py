@@ -1,470 +1,177 @@
-"""CKKS secure aggregation of flat float updates (TenSEAL).
+"""How updates are hidden: the secure-aggregation interface and its two schemes.
 
-Sites share one CKKS key set: they hold the *secret* context and encrypt and decrypt. The
-coordinator holds only the *public* context (public key, no secret key, no relinearization or
-Galois keys: a weighted sum needs none). It computes ``sum_i w_i * enc(x_i)`` by multiplying
-each ciphertext by a plaintext scalar and adding, so it never sees an update or the result.
+A scheme has a site side (`encrypt` an update for a cohort, `decrypt` the aggregate) and a
+coordinator side (`aggregate`, from public material only). The key set under the encryption
+is made by the key-holding site and sealed to the others (`tasks.site_steps.publish_keys`).
 
-A ciphertext travels as one container::
-
-    header   MAGIC "MFCK" | version u8 | payload u8 | slot_count u32 | length u64
-             | chunk_count u32 | context_id 32 bytes            (big-endian, HEADER)
-    chunks   chunk_count x (u32 byte length | serialized TenSEAL CKKSVector)
-    trailer  SHA-256 of everything before it
-
-``context_id`` is the SHA-256 of the public key serialization (parameters, scale and public
-key), so a ciphertext made under another key set is refused before it is summed or decrypted.
-The trailer catches truncation and accidental corruption; it is not authentication: the
-signature on the artifact reference (`tasks.transport`) is what binds a container to a site.
-
-Default parameters (the DEFAULT_* constants) are for 10k-200k parameter models: N = 8192 (4096
-slots), data primes 60 + 40 bits plus a 60-bit special prime (160 bits, within the 128-bit
-security bound of 218 for N = 8192; SEAL refuses insecure sets), scale 2^40. A weighted sum
-needs exactly one rescale (after the plaintext weight multiply), so one 40-bit middle prime
-suffices; the common ``[60, 40, 40, 60]`` only adds an unused level: ~40% larger updates, ~80%
-larger aggregates and ~30% slower encryption at identical precision. Measured per 1M parameters
-on one core of an AMD EPYC: an update is 14.4 bytes per float32 byte (the aggregate, one prime
-shorter, 8.0), encryption takes ~1.2 s, aggregation ~0.43 s per site, decryption ~0.2 s; after
-summing 10 sites the absolute error is ~4e-9 rms and ~5e-8 max. SEAL already zstd-compresses
-each ciphertext (14.4 vs 16 bytes per float32 byte raw); general-purpose compression of the
-container gains < 0.5%, so none is applied. Values must stay within ``plaintext_bound`` (2^16 for
-the defaults) and the weights must sum to at most 1, so the sum cannot overflow.
-
-Residual risks: the container is not authenticated (sign it, see `tasks.transport`); CKKS
-decryptions leak a little of the noise, so a full-precision decrypted aggregate handed to the
-coordinator together with its ciphertext could help it attack the key (Li-Micciancio,
-IND-CPA-D): round or noise decrypted values before they leave a site.
+- `"masked-bfv"` (default, `MaskedBFV`): each site encrypts ``quantize(weight * update) + its
+  pairwise masks (mod t)`` under BFV. The masks cancel only in the sum over the whole cohort,
+  so a site that also holds the BFV secret (any site), even together with the coordinator,
+  sees a uniform vector in place of another site's update; the coordinator alone cannot
+  decrypt anything, not even the sum. Weights are applied at the sites.
+- `"ckks"` (`SharedKeyCKKS`): today's one shared CKKS key set; the coordinator applies the
+  weights. Any site can decrypt any single update: kept for comparison only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import tenseal as ts
-import tenseal.sealapi  # noqa: F401  (registers seal::Modulus, so prime values can be read)
 
-from tasks import IntegrityError, StepError
+from tasks import IntegrityError, StepError, bfv, ckks
+from tasks.config import DPConfig, FederationConfig, Scheme
+from tasks.masking import PairwiseMasks, Quantizer
+from tasks.strategy import FedAvg
 
-DEFAULT_POLY_MODULUS_DEGREE = 8192
-DEFAULT_COEFF_MOD_BIT_SIZES: tuple[int, ...] = (60, 40, 60)
-DEFAULT_GLOBAL_SCALE_BITS = 40
-
-MAGIC = b"MFCK"
-VERSION = 1
-# magic, version, payload, slot_count, length, chunk_count, context_id
-HEADER = struct.Struct(">4sBBIQI32s")
-CHUNK_LEN = struct.Struct(">I")
-CONTEXT_ID_SIZE = 32
-DIGEST_SIZE = 32
-
-# Inputs must satisfy |x| <= 2^(bits left after one rescale - scale bits - margin). With weights
-# summing to at most 1 the aggregate obeys the same bound; the margin (x16) keeps CKKS noise and
-# scale drift well below the modulus wrap-around, and lets `decrypt_update` flag values beyond
-# twice the bound (a wrong key or a forged container) as garbage rather than return them.
-RANGE_MARGIN_BITS = 4
-# Normalized weights computed in floating point may sum to 1 + a few ulps.
-WEIGHT_SUM_TOLERANCE = 1e-9
-# One weight multiply needs one rescale: at least two data primes plus the special prime.
-MIN_COEFF_MODULI = 3
-
-
-class Payload(IntEnum):
-    """What a container holds: a site's fresh update or the coordinator's weighted sum."""
-
-    UPDATE = 1
-    AGGREGATE = 2
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Container:
-    payload: Payload
-    slot_count: int
-    length: int
-    context_id: bytes
-    chunks: tuple[bytes, ...]
-
-
-# ---------------------------------------------------------------- contexts
-
-
-def create_secret_context(
-    *,
-    poly_modulus_degree: int = DEFAULT_POLY_MODULUS_DEGREE,
-    coeff_mod_bit_sizes: Sequence[int] = DEFAULT_COEFF_MOD_BIT_SIZES,
-    global_scale_bits: int = DEFAULT_GLOBAL_SCALE_BITS,
-) -> bytes:
-    """A fresh CKKS key set, serialized WITH its secret key: only sites may hold this."""
-    bits = [int(b) for b in coeff_mod_bit_sizes]
-    if len(bits) < MIN_COEFF_MODULI:
-        raise StepError(
-            f"coeff_mod_bit_sizes needs at least {MIN_COEFF_MODULI} primes (first, one per "
-            f"rescale, special), got {bits}"
-        )
-    if not 0 < global_scale_bits < bits[0]:
-        raise StepError(
-            f"global_scale_bits must be positive and below the first prime's {bits[0]} bits, "
-            f"got {global_scale_bits}"
-        )
-    try:
-        ctx = ts.context(
-            ts.SCHEME_TYPE.CKKS, poly_modulus_degree=poly_modulus_degree, coeff_mod_bit_sizes=bits
-        )
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise StepError(
-            f"CKKS parameters N={poly_modulus_degree}, primes {bits} are invalid or below "
-            f"128-bit security: {exc}"
-        ) from exc
-    ctx.global_scale = 2.0**global_scale_bits
-    return ctx.serialize(
-        save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
-    )
-
-
-def public_context(secret_context: bytes) -> bytes:
-    """The coordinator's copy of `secret_context`: public key only, secret key dropped."""
-    ctx = _load_context(secret_context, what="secret context")
-    if not ctx.is_private():
-        raise StepError("public_context needs the secret context; this one is already public")
-    ctx.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
-    data = ctx.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    check = _load_context(data, what="public context")
-    if check.is_private() or check.has_secret_key():
-        raise StepError("public context still holds a secret key; refusing to hand it out")
-    return data
-
-
-def plaintext_bound(context: bytes) -> float:
-    """Largest |value| `encrypt_update` accepts under `context` (2^16 for the defaults)."""
-    return _plaintext_bound(_load_context(context, what="context"))
-
-
-# ---------------------------------------------------------------- site and coordinator steps
-
-
-def encrypt_update(context: bytes, update: np.ndarray) -> bytes:
-    """Encrypt a 1-D float vector into one container; a public context suffices."""
-    ctx = _load_context(context, what="context")
-    x = _as_update(update, bound=_plaintext_bound(ctx))
-    slots = _slot_count(ctx)
-    try:
-        chunks = [
-            ts.ckks_vector(ctx, x[i : i + slots].tolist()).serialize()
-            for i in range(0, x.size, slots)
-        ]
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise StepError(f"CKKS encryption failed: {exc}") from exc
-    return _pack(
-        _Container(
-            payload=Payload.UPDATE,
-            slot_count=slots,
-            length=int(x.size),
-            context_id=_context_id(ctx),
-            chunks=tuple(chunks),
-        )
-    )
-
-
-def weighted_sum(
-    public_context: bytes, ciphertexts: Sequence[bytes], weights: Sequence[float]
-) -> bytes:
-    """The coordinator's aggregation: a container holding ``sum_i weights[i] * x_i``.
-
-    Refuses a context that holds a secret key. Weights must be finite, non-negative, not all
-    zero and sum to at most 1 (normalize them: FedAvg's n_i / n), which keeps the sum in range.
-    """
-    ctx = _load_context(public_context, what="public context")
-    if ctx.is_private() or ctx.has_secret_key():
-        raise StepError(
-            "weighted_sum was given a context holding the secret key; the coordinator must "
-            "hold only the public context"
-        )
-    w = _check_weights(weights, count=len(ciphertexts))
-    if _rescale_levels(ctx) < 1:
-        raise StepError("public context has no level left for the weight multiply")
-    context_id, slots = _context_id(ctx), _slot_count(ctx)
-    # TenSEAL's rescale divides by the last data prime q but then labels the result with the
-    # global scale D instead of D^2 / q: every product comes out multiplied by D / q (a bias of
-    # 1.3e-7 for the defaults, 4.6e-5 for a 30-bit prime). Multiplying the weight by q / D first
-    # cancels it exactly, leaving only CKKS noise.
-    w = w * (_rescale_prime(ctx) / ctx.global_scale)
-    containers = [
-        _unpack(c, what=f"ciphertext {i}", context_id=context_id, slot_count=slots)
-        for i, c in enumerate(ciphertexts)
-    ]
-    first = containers[0]
-    for i, c in enumerate(containers):
-        if c.payload is not Payload.UPDATE:
-            raise StepError(f"ciphertext {i} is already an aggregate; only site updates are summed")
-        if (c.length, len(c.chunks)) != (first.length, len(first.chunks)):
-            raise StepError(
-                f"ciphertext {i} holds {c.length} values in {len(c.chunks)} chunks, ciphertext 0 "
-                f"holds {first.length} in {len(first.chunks)}"
-            )
-    out = []
-    for j in range(len(first.chunks)):
-        size = _chunk_size(first.length, slots, j)
-        acc = None
-        for i, (c, wi) in enumerate(zip(containers, w, strict=True)):
-            what = f"ciphertext {i} chunk {j}"
-            v = _load_vector(ctx, c.chunks[j], size=size, what=what, fresh=True)
-            try:
-                v.mul_(float(wi))
-                acc = v if acc is None else acc.add_(v)
-            except (ValueError, RuntimeError, TypeError) as exc:
-                raise IntegrityError(f"{what} cannot be combined with the others: {exc}") from exc
-        assert acc is not None  # at least one ciphertext, checked above
-        out.append(acc.serialize())
-    return _pack(
-        _Container(
-            payload=Payload.AGGREGATE,
-            slot_count=slots,
-            length=first.length,
-            context_id=context_id,
-            chunks=tuple(out),
-        )
-    )
-
-
-def decrypt_update(secret_context: bytes, ciphertext: bytes) -> np.ndarray:
-    """Decrypt a container (an update or an aggregate) to a float32 vector of its length."""
-    ctx = _load_context(secret_context, what="secret context")
-    if not (ctx.is_private() and ctx.has_secret_key()):
-        raise StepError("decrypt_update needs the site's secret context; this context is public")
-    slots = _slot_count(ctx)
-    c = _unpack(ciphertext, what="ciphertext", context_id=_context_id(ctx), slot_count=slots)
-    parts = []
-    for j, chunk in enumerate(c.chunks):
-        what = f"ciphertext chunk {j}"
-        v = _load_vector(ctx, chunk, size=_chunk_size(c.length, slots, j), what=what)
-        try:
-            parts.append(np.asarray(v.decrypt(), dtype=np.float64))
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise IntegrityError(f"{what} does not decrypt: {exc}") from exc
-    values = np.concatenate(parts)
-    limit = 2 * _plaintext_bound(ctx)
-    if not np.all(np.abs(values) <= limit):  # also catches NaN
-        raise IntegrityError(
-            f"decrypted values exceed {limit:g}: the ciphertext was made under another key or "
-            "overflowed"
-        )
-    return values.astype(np.float32)
-
-
-# ---------------------------------------------------------------- internals
-
-
-def _load_context(data: bytes, *, what: str) -> ts.Context:
-    if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
-        raise StepError(f"{what} must be non-empty serialized TenSEAL context bytes")
-    try:
-        ctx = ts.context_from(bytes(data))
-        scheme = ctx.seal_context().data.first_context_data().parms().scheme()
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise StepError(f"{what} is not a serialized TenSEAL context: {exc}") from exc
-    if scheme != ts.SCHEME_TYPE.CKKS.value:
-        raise StepError(f"{what} is a {scheme.name} context, not CKKS")
-    if not ctx.has_public_key():
-        raise StepError(f"{what} holds no public key")
-    return ctx
-
-
-def _context_id(ctx: ts.Context) -> bytes:
-    """SHA-256 of the public part: parameters, scale and public key (same for both copies)."""
-    public = ctx.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    return hashlib.sha256(public).digest()
-
-
-def _slot_count(ctx: ts.Context) -> int:
-    return ctx.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
-
-
-def _rescale_levels(ctx: ts.Context) -> int:
-    return ctx.seal_context().data.first_context_data().chain_index()
-
-
-def _plaintext_bound(ctx: ts.Context) -> float:
-    try:
-        scale_bits = math.log2(ctx.global_scale)
-    except ValueError as exc:  # TenSEAL raises when no global scale was set
-        raise StepError(f"context has no global scale: {exc}") from exc
-    first = ctx.seal_context().data.first_context_data()
-    after = first.next_context_data() or first
-    return 2.0 ** (after.total_coeff_modulus_bit_count() - scale_bits - RANGE_MARGIN_BITS)
-
-
-def _as_update(update: np.ndarray, *, bound: float) -> np.ndarray:
-    arr = np.asarray(update)
-    if arr.ndim != 1 or arr.size == 0:
-        raise StepError(f"update must be a non-empty 1-D vector, got shape {arr.shape}")
-    if arr.dtype.kind not in "fiu":
-        raise StepError(f"update must hold real numbers, got dtype {arr.dtype}")
-    x = arr.astype(np.float64)
-    if not np.all(np.isfinite(x)):
-        raise StepError("update holds NaN or infinite values")
-    peak = float(np.max(np.abs(x)))
-    if peak > bound:
-        raise StepError(f"update has |value| {peak:g} above the context's bound {bound:g}")
-    return x
-
-
-def _check_weights(weights: Sequence[float], *, count: int) -> np.ndarray:
-    if count == 0:
-        raise StepError("weighted_sum needs at least one ciphertext")
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise StepError(f"weights must be numbers: {exc}") from exc
-    if w.ndim != 1 or w.size != count:
-        raise StepError(f"got {w.size} weights for {count} ciphertexts")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise StepError(f"weights must be finite and non-negative, got {w.tolist()}")
-    total = float(w.sum())
-    if total <= 0 or total > 1 + WEIGHT_SUM_TOLERANCE:
-        raise StepError(f"weights must sum to more than 0 and at most 1, got {total!r}")
-    return w
-
-
-def _chunk_size(length: int, slots: int, j: int) -> int:
-    return min(slots, length - j * slots)
-
-
-def _rescale_prime(ctx: ts.Context) -> int:
-    """The prime a fresh ciphertext's first rescale divides by."""
-    return ctx.seal_context().data.first_context_data().parms().coeff_modulus()[-1].value()
-
-
-def _load_vector(
-    ctx: ts.Context, data: bytes, *, size: int, what: str, fresh: bool = False
-) -> ts.CKKSVector:
-    """Deserialize one chunk; `fresh` also demands a just-encrypted ciphertext (top level)."""
-    try:
-        v = ts.ckks_vector_from(ctx, data)
-        got = v.size()
-        cts = v.ciphertext()
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise IntegrityError(f"{what} is not a valid CKKS ciphertext for this context") from exc
-    if got != size:
-        raise IntegrityError(f"{what} holds {got} values, expected {size}")
-    if fresh and (
-        len(cts) != 1
-        or cts[0].parms_id() != ctx.seal_context().data.first_parms_id()
-        or cts[0].scale != ctx.global_scale
-    ):
-        raise IntegrityError(f"{what} is not a freshly encrypted ciphertext at the context's scale")
-    return v
-
-
-def _pack(c: _Container) -> bytes:
-    parts = [
-        HEADER.pack(MAGIC, VERSION, c.payload, c.slot_count, c.length, len(c.chunks), c.context_id)
-    ]
-    for chunk in c.chunks:
-        parts += [CHUNK_LEN.pack(len(chunk)), chunk]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
-
-
-def _unpack(data: bytes, *, what: str, context_id: bytes, slot_count: int) -> _Container:
-    """Parse and check a container; every defect is an IntegrityError naming `what`."""
-    data = bytes(data)
-    if len(data) < HEADER.size + DIGEST_SIZE:
-        raise IntegrityError(f"{what} is truncated: {len(data)} bytes")
-    magic, version, payload, slots, length, count, cid = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise IntegrityError(f"{what} is not a medfed CKKS container (magic {magic!r})")
-    if version != VERSION:
-        raise IntegrityError(f"{what} has container version {version}, expected {VERSION}")
-    body, digest = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
-    if hashlib.sha256(body).digest() != digest:
-        raise IntegrityError(f"{what} is truncated or corrupted: its checksum does not match")
-    if payload not in {p.value for p in Payload}:
-        raise IntegrityError(f"{what} has unknown payload type {payload}")
-    if cid != context_id:
-        raise IntegrityError(f"{what} was encrypted under a different CKKS key set")
-    if slots != slot_count:
-        raise IntegrityError(f"{what} has {slots} slots per chunk, the context {slot_count}")
-    if length < 1 or count != -(-length // slots):
-        raise IntegrityError(f"{what} declares {length} values in {count} chunks of {slots}")
-    chunks = []
-    offset = HEADER.size
-    for j in range(count):
-        if offset + CHUNK_LEN.size > len(body):
-            raise IntegrityError(f"{what} ends before chunk {j}")
-        (n,) = CHUNK_LEN.unpack_from(body, offset)
-        offset += CHUNK_LEN.size
-        if n == 0 or offset + n > len(body):
-            raise IntegrityError(f"{what} chunk {j} has invalid length {n}")
-        chunks.append(body[offset : offset + n])
-        offset += n
-    if offset != len(body):
-        raise IntegrityError(f"{what} has {len(body) - offset} trailing bytes")
-    return _Container(
-        payload=Payload(payload),
-        slot_count=slots,
-        length=length,
-        context_id=cid,
-        chunks=tuple(chunks),
-    )
-
-
-__all__ = [
-    "DEFAULT_COEFF_MOD_BIT_SIZES",
-    "DEFAULT_GLOBAL_SCALE_BITS",
-    "DEFAULT_POLY_MODULUS_DEGREE",
-    "Payload",
-    "SecureAggregation",
-    "SharedKeyCKKS",
-    "create_secret_context",
-    "decrypt_update",
-    "encrypt_update",
-    "plaintext_bound",
-    "public_context",
-    "weighted_sum",
-]
-
-
-# ---------------------------------------------------------------- the backend interface
+# The clamp bound of quantization, in clip norms per unit of site-level noise: a clipped
+# update's coordinates lie within the clip norm; N(0, (z C)^2) noise exceeds 6 z C with
+# probability 2e-9 per coordinate. Clamping is post-processing of the released update.
+NOISE_HEADROOM_SIGMAS = 6.0
 
 
 class SecureAggregation(Protocol):
-    """How updates are hidden from the coordinator. Site side: `encrypt` / `decrypt`;
-    coordinator side: `aggregate`, from public material only. A new scheme (threshold or
-    masked) is one new implementation of this interface."""
+    """One scheme, at a site (holding the secret context) or at the coordinator (public)."""
 
-    name: str
+    scheme: Scheme
 
-    def encrypt(self, update: np.ndarray) -> bytes: ...
-
-    def decrypt(self, blob: bytes) -> np.ndarray: ...
+    def encrypt(
+        self, update: np.ndarray, *, weight: float, masks: PairwiseMasks | None
+    ) -> bytes: ...
 
     def aggregate(self, blobs: Sequence[bytes], weights: Sequence[float]) -> bytes: ...
+
+    def decrypt(self, blob: bytes) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class SharedKeyCKKS:
-    """One CKKS key set created by the key-holding site and sealed to the other sites. A site
-    holds the secret context; the coordinator's instance holds only the public context and
-    cannot `decrypt`."""
+    """Weights applied by the coordinator to unmasked CKKS ciphertexts."""
 
     context: bytes
-    name: str = "ckks-shared-key"
+    scheme: Scheme = Scheme.CKKS
 
-    def encrypt(self, update: np.ndarray) -> bytes:
-        return encrypt_update(self.context, update)
-
-    def decrypt(self, blob: bytes) -> np.ndarray:
-        return decrypt_update(self.context, blob)
+    def encrypt(self, update: np.ndarray, *, weight: float, masks: PairwiseMasks | None) -> bytes:
+        return ckks.encrypt_update(self.context, update)
 
     def aggregate(self, blobs: Sequence[bytes], weights: Sequence[float]) -> bytes:
-        return weighted_sum(self.context, blobs, weights)
+        return ckks.weighted_sum(self.context, blobs, weights)
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        return ckks.decrypt_update(self.context, blob)
+
+
+@dataclass(frozen=True)
+class MaskedBFV:
+    """Quantized, weighted, pairwise-masked updates under BFV; the coordinator adds them."""
+
+    context: bytes
+    bits: int
+    bound: float
+    scheme: Scheme = Scheme.MASKED_BFV
+
+    def quantizer(self) -> Quantizer:
+        return Quantizer(bits=self.bits, bound=self.bound, modulus=bfv.plain_modulus(self.context))
+
+    def encrypt(self, update: np.ndarray, *, weight: float, masks: PairwiseMasks | None) -> bytes:
+        if masks is None:
+            raise StepError("masked-bfv encrypts only for a cohort: the pairwise masks are missing")
+        q = self.quantizer()
+        vector = np.asarray(update)
+        if vector.ndim != 1 or vector.size == 0 or not np.all(np.isfinite(vector)):
+            raise StepError("the update must be a non-empty 1-D vector of finite numbers")
+        # Stochastic rounding draws from the OS CSPRNG: its randomness must not be replayable.
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence()))
+        quantized = q.quantize(vector, weight, rng)
+        masked = (quantized + masks.total(vector.size, q.modulus)) % q.modulus
+        return bfv.encrypt(self.context, masked)
+
+    def aggregate(self, blobs: Sequence[bytes], weights: Sequence[float]) -> bytes:
+        return bfv.add(self.context, blobs)  # the sites weighted their own updates
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        q = self.quantizer()
+        total = bfv.decrypt(self.context, blob)
+        return q.decode(total)
+
+
+def clamp_bound(dp: DPConfig) -> float:
+    return dp.update_clip_norm * (1.0 + NOISE_HEADROOM_SIGMAS * dp.update_noise_multiplier)
+
+
+def parameters(fed: FederationConfig) -> dict[str, Any]:
+    """The scheme and everything its key set and encoding depend on (job-start entry)."""
+    if fed.secure_aggregation.scheme == Scheme.CKKS:
+        return {"scheme": str(Scheme.CKKS)} | fed.ckks.model_dump(mode="json")
+    b = fed.secure_aggregation.bfv
+    return {
+        "scheme": str(Scheme.MASKED_BFV),
+        "poly_modulus_degree": b.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(b.coeff_mod_bit_sizes),
+        "plain_modulus": b.plain_modulus,
+        "quantization_bits": b.quantization_bits,
+        "clamp_bound": clamp_bound(fed.dp),
+        "masks": "pairwise X25519 + HKDF-SHA256 + ChaCha20 over Z_t, per round and attempt",
+        "rounding": "stochastic, unbiased",
+    }
+
+
+def key_parameters(fed: FederationConfig) -> dict[str, Any]:
+    """What the key set itself is made from (a change needs a new key set)."""
+    p = parameters(fed)
+    if fed.secure_aggregation.scheme == Scheme.CKKS:
+        return p
+    return {
+        k: p[k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes", "plain_modulus")
+    }
+
+
+def create_secret(fed: FederationConfig) -> bytes:
+    if fed.secure_aggregation.scheme == Scheme.CKKS:
+        c = fed.ckks
+        return ckks.create_secret_context(
+            poly_modulus_degree=c.poly_modulus_degree,
+            coeff_mod_bit_sizes=c.coeff_mod_bit_sizes,
+            global_scale_bits=c.global_scale_bits,
+        )
+    b = fed.secure_aggregation.bfv
+    return bfv.create_secret_context(
+        poly_modulus_degree=b.poly_modulus_degree,
+        coeff_mod_bit_sizes=b.coeff_mod_bit_sizes,
+        plain_modulus=b.plain_modulus,
+    )
+
+
+def public_of(fed: FederationConfig, secret: bytes) -> bytes:
+    if fed.secure_aggregation.scheme == Scheme.CKKS:
+        return ckks.public_context(secret)
+    return bfv.public_context(secret)
+
+
+def backend(fed: FederationConfig, context: bytes) -> SecureAggregation:
+    """The plan's scheme over `context` (a site's secret one or the coordinator's public one)."""
+    if fed.secure_aggregation.scheme == Scheme.CKKS:
+        return SharedKeyCKKS(context)
+    return MaskedBFV(
+        context, bits=fed.secure_aggregation.bfv.quantization_bits, bound=clamp_bound(fed.dp)
+    )
+
+
+def check_cohort(fed: FederationConfig, cohort: Mapping[str, int]) -> dict[str, float]:
+    """FedAvg weights of a cohort (site -> samples); refuses a cohort that could not hide an
+    update among enough others or whose sum could wrap."""
+    names = set(cohort)
+    unknown = names - {s.name for s in fed.sites}
+    if unknown:
+        raise IntegrityError(
+            f"the cohort names sites outside the plan: {', '.join(sorted(unknown))}"
+        )
+    if len(names) < fed.min_sites:
+        raise IntegrityError(
+            f"the cohort has {len(names)} sites, fewer than the plan's min_sites={fed.min_sites}"
+        )
+    if any(n <= 0 for n in cohort.values()):
+        raise IntegrityError("the cohort's sample counts must be positive")
+    return FedAvg().weights(dict(cohort))

@@ -5,9 +5,9 @@ SITE_ROOT/
   site.toml              data location and labels, privacy policy, what the site accepts
   enrollment.json        public material only, self-signed: sent to the coordinator
   keys/identity.pem      Ed25519 identity (0600)     never leaves the site
-  keys/kex.pem           X25519 key (0600): receives the sealed CKKS secret
+  keys/kex.pem           X25519 key (0600): opens the sealed encryption secret; pairwise masks
   keys/pseudonym.key     pseudonymization secret (0600)
-  keys/ckks.secret       CKKS secret context (0600): made here (key holder) or received sealed
+  keys/he.secret         encryption secret context (0600): made here (key holder) or sealed
   approved/<digest>.json the training plans the site approved (Fed-BioMed style)
   witness/<log>.checkpoint the ledger checkpoint this site cosigned last (it is a witness)
   cache/ work/ models/   prepared data, intermediate files, global model copies
@@ -121,8 +121,8 @@ class Site:
         return self.keys_dir / "pseudonym.key"
 
     @property
-    def ckks_secret_path(self) -> Path:
-        return self.keys_dir / "ckks.secret"
+    def he_secret_path(self) -> Path:
+        return self.keys_dir / "he.secret"
 
     @property
     def cache(self) -> Path:

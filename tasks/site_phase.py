@@ -42,6 +42,7 @@ from tasks.site_steps import (
     evaluate,
     preprocess,
     publish_keys,
+    released_update,
     train,
     upload,
 )
@@ -107,6 +108,7 @@ def record_refusal(site: Site, text: str, reason: str) -> SiteReport:
     plan = site.approved(str(claimed.get("plan_digest", ""))) or site.latest_approved()
     job = str(claimed.get("job") or "unknown")
     round_number = claimed.get("round") if isinstance(claimed.get("round"), int) else 0
+    attempt = claimed.get("attempt") if isinstance(claimed.get("attempt"), int) else 0
     phase = claimed.get("phase") if claimed.get("phase") in set(Phase) else Phase.PREPARE
     report = SiteReport(
         job=job,
@@ -115,6 +117,7 @@ def record_refusal(site: Site, text: str, reason: str) -> SiteReport:
         site=site.name,
         status=Status.REFUSED,
         instruction=message_digest(text),
+        attempt=max(0, attempt),
         reason=reason,
         data={"refused": "instruction"},
     )
@@ -160,6 +163,7 @@ def run_site_phase(instruction: str, site_root: str | Path, *, call: Call = dire
     phases = {
         Phase.PREPARE: prepare_phase,
         Phase.TRAIN: train_phase,
+        Phase.UPLOAD: upload_phase,
         Phase.EVALUATE: evaluate_phase,
         Phase.WITNESS: witness_phase,
     }
@@ -194,6 +198,7 @@ def _report(
         site=run.name,
         status=status,
         instruction=message_digest(instruction),
+        attempt=run.instr.attempt,
         reason=reason,
         data=data,
     )
@@ -234,16 +239,11 @@ def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
             {"refused": "budget", "epsilon": trained.epsilon, "samples": trained.n_samples},
         )
     update = call(clip_and_noise, run, trained)
-    cipher = call(encrypt, run, update)
-    try:
-        ref, seconds = call(upload, run, cipher)
-    except BudgetRefused as exc:  # the hold lapsed and the budget is gone: the update stays
-        return Status.REFUSED, str(exc), {"refused": "budget", "samples": trained.n_samples}
+    # The update stays here until the coordinator names the cohort it is summed with.
     return (
         Status.COMPLETED,
         "",
         {
-            "update": ref.model_dump(mode="json"),
             "samples": trained.n_samples,
             "epsilon": trained.epsilon,
             "base_model": trained.base_model,
@@ -252,9 +252,26 @@ def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
                 "preprocess": data.seconds,
                 "train": trained.seconds,
                 "clip": update.seconds,
-                "encrypt": cipher.seconds,
-                "upload": seconds,
             },
+        },
+    )
+
+
+def upload_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
+    """Mask and encrypt the clipped update for the instruction's cohort, then upload it."""
+    update = released_update(run)
+    cipher = call(encrypt, run, update)
+    try:
+        ref, seconds = call(upload, run, cipher)
+    except BudgetRefused as exc:  # the hold lapsed and the budget is gone: the update stays
+        return Status.REFUSED, str(exc), {"refused": "budget"}
+    return (
+        Status.COMPLETED,
+        "",
+        {
+            "update": ref.model_dump(mode="json"),
+            "attempt": run.instr.attempt,
+            "seconds": {"encrypt": cipher.seconds, "upload": seconds},
         },
     )
 

@@ -20,15 +20,25 @@ import numpy as np
 from ledger.accounting import Metrics, Population
 from ledger.entry import Action
 from ledger.identities import COORDINATOR
-from tasks import IntegrityError, StepError, budget, models, prepared, privacy, transport
+from tasks import (
+    IntegrityError,
+    StepError,
+    budget,
+    models,
+    prepared,
+    privacy,
+    secure_agg,
+    transport,
+)
 from tasks.config import FederationConfig
 from tasks.datasource import DataSource, source_for
 from tasks.enrollment import open_sealed, seal
 from tasks.files import atomic_write, load_array, model_hash, save_array, sha256_file
+from tasks.masking import PairwiseMasks, mask_context
 from tasks.messages import keys_job
 from tasks.prepared import PreparedDataset
 from tasks.quarantine import IngestReport, summary_of, write_site_report
-from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
+from tasks.record import step_key
 from tasks.site_run import SiteRun, step_log
 from tasks.strategy import FedAvg
 
@@ -198,45 +208,37 @@ def _dicom_details(ref: DatasetRef, accept_burned_in: bool) -> dict[str, Any]:
     }
 
 
-# ---- CKKS key material
-
-
-def ckks_params(fed: FederationConfig) -> dict[str, Any]:
-    return {
-        "poly_modulus_degree": fed.ckks.poly_modulus_degree,
-        "coeff_mod_bit_sizes": list(fed.ckks.coeff_mod_bit_sizes),
-        "global_scale_bits": fed.ckks.global_scale_bits,
-    }
+# ---- the secure-aggregation key set
 
 
 def publish_keys(run: SiteRun) -> dict[str, Any]:
-    """Key holder only: create the CKKS key set here (once), publish its public context, and
-    seal the secret context to every other site's X25519 key."""
+    """Key holder only: create the scheme's key set here (once), publish its public context,
+    and seal the secret context to every other site's X25519 key."""
     site, fed = run.site, run.fed
-    params_file = site.keys_dir / "ckks.params.json"
-    params = json.dumps(ckks_params(fed), sort_keys=True)
-    if site.ckks_secret_path.exists():
+    params_file = site.keys_dir / "he.params.json"
+    params = json.dumps(secure_agg.key_parameters(fed), sort_keys=True)
+    if site.he_secret_path.exists():
         if params_file.exists() and params_file.read_text() != params:
             raise StepError(
-                f"site {site.name}: its CKKS key set was made with other [ckks] settings; "
-                "delete keys/ckks.secret to make a new one"
+                f"site {site.name}: its encryption key set was made for another scheme or "
+                "other parameters; delete keys/he.secret to make a new one"
             )
-        secret = site.ckks_secret_path.read_bytes()
+        secret = site.he_secret_path.read_bytes()
     else:
         from ledger import keys as ledger_keys
 
-        secret = create_secret_context(**ckks_params(fed))
-        ledger_keys.write_secret(site.ckks_secret_path, secret)
+        secret = secure_agg.create_secret(fed)
+        ledger_keys.write_secret(site.he_secret_path, secret)
         ledger_keys.write_secret(params_file, params.encode())
     job = keys_job(fed.name)
     public = transport.publish(
         fed.artifact_store,
-        f"{job}/ckks.public",
-        public_context(secret),
+        f"{job}/he.public",
+        secure_agg.public_of(fed, secret),
         job=job,
         round=0,
         site=site.name,
-        kind="ckks_public",
+        kind="he_public",
         signer=site.identity,
     )
     sealed = {}
@@ -251,52 +253,54 @@ def publish_keys(run: SiteRun) -> dict[str, Any]:
         )
         ref = transport.publish(
             fed.artifact_store,
-            f"{job}/ckks.secret.{other.name}.sealed",
+            f"{job}/he.secret.{other.name}.sealed",
             blob,
             job=job,
             round=0,
             site=other.name,
-            kind="ckks_secret_sealed",
+            kind="he_secret_sealed",
             signer=site.identity,
         )
         sealed[other.name] = ref.model_dump(mode="json")
-    return {"ckks_public": public.model_dump(mode="json"), "ckks_sealed": sealed}
+    return {"he_public": public.model_dump(mode="json"), "he_sealed": sealed}
 
 
-def public_ckks(run: SiteRun) -> bytes:
-    ref = run.instr.ckks_public
+def public_he(run: SiteRun) -> bytes:
+    ref = run.instr.he_public
     if ref is None:
-        raise StepError("the instruction names no CKKS public context")
+        raise StepError("the instruction names no public encryption context")
     return transport.fetch(
         ref,
         public_key=run.site_key(run.fed.keyholder),
         job=keys_job(run.fed.name),
         round=0,
-        kind="ckks_public",
+        kind="he_public",
         site=run.fed.keyholder,
     )
 
 
-def secret_ckks(run: SiteRun) -> bytes:
-    """The CKKS secret context: the key holder's own, or received sealed and kept here."""
+def secret_he(run: SiteRun) -> bytes:
+    """The encryption secret context: the key holder's own, or received sealed, kept here."""
     site = run.site
-    if site.ckks_secret_path.exists():
-        return site.ckks_secret_path.read_bytes()
-    ref = run.instr.ckks_secret
+    if site.he_secret_path.exists():
+        return site.he_secret_path.read_bytes()
+    ref = run.instr.he_secret
     if ref is None:
-        raise StepError(f"site {site.name} holds no CKKS secret and the instruction names none")
+        raise StepError(
+            f"site {site.name} holds no encryption secret and the instruction names none"
+        )
     blob = transport.fetch(
         ref,
         public_key=run.site_key(run.fed.keyholder),
         job=keys_job(run.fed.name),
         round=0,
-        kind="ckks_secret_sealed",
+        kind="he_secret_sealed",
         site=site.name,
     )
     secret = open_sealed(blob, kex=site.kex_key, federation=run.fed.name, recipient=site.name)
     from ledger import keys as ledger_keys
 
-    ledger_keys.write_secret(site.ckks_secret_path, secret)
+    ledger_keys.write_secret(site.he_secret_path, secret)
     return secret
 
 
@@ -331,7 +335,7 @@ def global_before(run: SiteRun, features: int) -> np.ndarray:
             f"site {run.name} has no global model of round {target_round} and the instruction "
             "does not carry the aggregates to rebuild it"
         )
-    backend = SharedKeyCKKS(secret_ckks(run))
+    backend = secure_agg.backend(run.fed, secret_he(run))
     strategy = FedAvg()
     for k, ref in enumerate(g.aggregates, start=1):
         blob = transport.fetch(
@@ -602,22 +606,87 @@ def clip_and_noise(run: SiteRun, trained: TrainRef) -> FileRef:
     return FileRef(path=path, sha256=digest, norm=norm, seconds=time.perf_counter() - start)
 
 
+def released_update(run: SiteRun) -> FileRef:
+    """The clipped (and noised) update this round's train phase recorded, still intact."""
+    path = run.work() / "update.npy"
+    digest = recorded_output(run, "clip_and_noise", "update", path)
+    if digest is None:
+        raise StepError(f"site {run.name} has no clipped update of round {run.round} to upload")
+    return FileRef(path=path, sha256=digest, seconds=0.0)
+
+
+def attempt_step(run: SiteRun, step: str) -> str:
+    """Each upload attempt is its own ledger step: `encrypt`, then `encrypt-a1`, ..."""
+    return f"{step}-a{run.instr.attempt}" if run.instr.attempt else step
+
+
+def cohort_weight(run: SiteRun) -> tuple[dict[str, int], float]:
+    """The instruction's cohort, checked: the coordinator recorded the same one on the ledger
+    (so it cannot show different cohorts to different sites without forking the ledger the
+    sites witness), this site is in it with the samples it trained on, and it is large
+    enough. Returns the cohort and this site's FedAvg weight in it."""
+    cohort = run.instr.cohort
+    if not cohort:
+        raise StepError("the upload instruction names no cohort")
+    key = step_key(run.job, run.round, COORDINATOR, f"cohort-a{run.instr.attempt}")
+    recorded = run.ledger.events(idempotency_key=key, actor=COORDINATOR)
+    if not recorded or recorded[0]["details"].get("cohort") != dict(sorted(cohort.items())):
+        raise IntegrityError(
+            f"the cohort of round {run.round} attempt {run.instr.attempt} in the instruction is "
+            "not the one the coordinator recorded on the ledger"
+        )
+    trained = run.recorder().prior("train")
+    samples = trained["details"].get("samples") if trained else None
+    if cohort.get(run.name) != samples:
+        raise IntegrityError(
+            f"the cohort lists site {run.name} with {cohort.get(run.name)} samples; it trained "
+            f"on {samples}"
+        )
+    weights = secure_agg.check_cohort(run.fed, cohort)
+    return cohort, weights[run.name]
+
+
+def pairwise_masks(run: SiteRun, cohort: dict[str, int]) -> PairwiseMasks:
+    """This site's masks toward every other cohort member, from the X25519 keys the plan pins."""
+    return PairwiseMasks(
+        own=run.site.kex_key,
+        own_name=run.name,
+        peers={s: bytes.fromhex(run.fed.site(s).kex_key) for s in cohort if s != run.name},
+        context=mask_context(
+            federation=run.fed.name,
+            job=run.job,
+            round=run.round,
+            attempt=run.instr.attempt,
+            cohort=sorted(cohort),
+        ),
+    )
+
+
 def encrypt(run: SiteRun, update: FileRef) -> FileRef:
     start = time.perf_counter()
-    path = run.work() / "update.ckks"
-    reused = recorded_output(run, "encrypt", "ciphertext", path)
+    step = attempt_step(run, "encrypt")
+    path = run.work() / f"{step}.he"
+    cohort, weight = cohort_weight(run)
+    reused = recorded_output(run, step, "ciphertext", path)
     if reused is not None:
         return FileRef(path=path, sha256=reused, seconds=0.0)
     vector = load_array(update.path, sha256=update.sha256)
-    blob = SharedKeyCKKS(public_ckks(run)).encrypt(vector)
+    backend = secure_agg.backend(run.fed, public_he(run))
+    blob = backend.encrypt(vector, weight=weight, masks=pairwise_masks(run, cohort))
     atomic_write(path, blob)
     digest = hashlib.sha256(blob).hexdigest()
     run.recorder().record(
         Action.ENCRYPT,
-        "encrypt",
+        step,
         inputs={"update": update.sha256},
         outputs={"ciphertext": digest},
-        details={"scheme": "CKKS", "parameters": len(vector), "ciphertext_bytes": len(blob)},
+        details={
+            "scheme": str(backend.scheme),
+            "cohort": sorted(cohort),
+            "attempt": run.instr.attempt,
+            "parameters": len(vector),
+            "ciphertext_bytes": len(blob),
+        },
     )
     return FileRef(path=path, sha256=digest, seconds=time.perf_counter() - start)
 
@@ -625,7 +694,8 @@ def encrypt(run: SiteRun, update: FileRef) -> FileRef:
 def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, float]:
     """The update leaves the site: only under a hold that still counts. The train step's hold
     may have lapsed (this is a retry after the round died): then the budget is checked and
-    held again, and a refusal keeps the update here (`BudgetRefused`)."""
+    held again, and a refusal keeps the update here (`BudgetRefused`). Every attempt of a
+    round is charged to the same hold: re-masking the same update releases nothing new."""
     start = time.perf_counter()
     data = encrypted.path.read_bytes()
     if hashlib.sha256(data).hexdigest() != encrypted.sha256:
@@ -633,9 +703,10 @@ def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, flo
     grant = reserve_update(run, refusal_step="upload")
     if not grant.admitted:
         raise budget.BudgetRefused(grant.reason)
+    step = attempt_step(run, "upload")
     ref = transport.publish(
         run.fed.artifact_store,
-        f"{run.job}/r{run.round:04d}/{run.name}.ckks",
+        f"{run.job}/r{run.round:04d}/{run.name}.{step}.he",
         data,
         job=run.job,
         round=run.round,
@@ -645,12 +716,18 @@ def upload(run: SiteRun, encrypted: FileRef) -> tuple[transport.ArtifactRef, flo
     )
     run.recorder().record(
         Action.UPLOAD,
-        "upload",
+        step,
         recipient=COORDINATOR,
         inputs={"ciphertext": encrypted.sha256},
         outputs={"artifact": ref.sha256},
         # Names the hold this release is charged to: from now on it counts for good.
-        details={"uri": ref.uri, "bytes": ref.size, "reservation": grant.key},
+        details={
+            "uri": ref.uri,
+            "bytes": ref.size,
+            "reservation": grant.key,
+            "scheme": str(run.fed.secure_aggregation.scheme),
+            "attempt": run.instr.attempt,
+        },
     )
     return ref, time.perf_counter() - start
 
@@ -672,7 +749,7 @@ def evaluate(run: SiteRun, data: DatasetRef) -> dict[str, Any]:
     blob = transport.fetch(
         ref, public_key=run.coordinator_key, job=run.job, round=run.round, kind="aggregate"
     )
-    mean_update = SharedKeyCKKS(secret_ckks(run)).decrypt(blob)
+    mean_update = secure_agg.backend(run.fed, secret_he(run)).decrypt(blob)
     base = global_before(run, data.features)
     new_global = FedAvg().apply(base, mean_update)
     save_array(run.site.global_model(run.job, run.round), new_global)

@@ -73,8 +73,8 @@ def test_site_init_keeps_secrets_at_the_site_and_signs_its_enrollment(fed, tmp_p
 def test_site_prepares_on_a_valid_instruction(fed, tmp_path):
     report = run_site_phase(instruction(fed), tmp_path / "sites" / "clinic-a")
     assert report.status == Status.COMPLETED, report.reason
-    assert report.data["ckks_public"]["signer"] == "clinic-a"  # the key holder
-    assert set(report.data["ckks_sealed"]) == {"clinic-b"}
+    assert report.data["he_public"]["signer"] == "clinic-a"  # the key holder
+    assert set(report.data["he_sealed"]) == {"clinic-b"}
     entries = Ledger(fed.ledger_url).events(job="job-1", action="preprocess")
     assert [e["actor"] for e in entries] == ["clinic-a"]
 
@@ -204,5 +204,5 @@ def test_nothing_under_the_coordinator_root_decrypts_or_signs_for_a_site(fed, tm
             continue
         assert keys.public_key_bytes(key).hex() not in site_keys, path
     # The sites themselves can: the same aggregate decrypts with a site's secret context.
-    secret = (tmp_path / "sites" / "clinic-b" / "keys" / "ckks.secret").read_bytes()
+    secret = (tmp_path / "sites" / "clinic-b" / "keys" / "he.secret").read_bytes()
     assert np.isfinite(decrypt_update(secret, aggregate)).all()

@@ -332,23 +332,19 @@ def audit_privacy(
 @cli_errors
 def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file.")]) -> None:
     """Check a federation file and everything reachable from the coordinator before anyone
-    trains: the artifact store (written and deleted), the ledger, the CKKS settings, every
+    trains: the artifact store (written and deleted), the ledger, the encryption settings, every
     site's registration. Prints the plan digest the sites must approve."""
     from ledger.store import Ledger
     from tasks import transport
     from tasks.config import load_config, plan_digest
     from tasks.coordinator_steps import check_enrolled
-    from tasks.secure_agg import create_secret_context
+    from tasks.secure_agg import create_secret
 
     fed = load_config(config)
     fed.check_runnable()
     transport.check_writable(fed.artifact_store)
     check_enrolled(Ledger(fed.ledger_url, roster=fed.roster()), fed)
-    create_secret_context(
-        poly_modulus_degree=fed.ckks.poly_modulus_degree,
-        coeff_mod_bit_sizes=fed.ckks.coeff_mod_bit_sizes,
-        global_scale_bits=fed.ckks.global_scale_bits,
-    )
+    create_secret(fed)  # the scheme's parameters make a valid key set
     out.print(
         f"{config}: valid; {len(fed.sites)} sites registered; artifact store writable; "
         f"plan digest {plan_digest(fed.plan())}"

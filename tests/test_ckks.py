@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks import IntegrityError, StepError
-from tasks import secure_agg as sa
+from tasks import ckks as sa
 
 SMALL = {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": (40, 30, 39), "global_scale_bits": 30}
 SMALL_SLOTS = 2048
@@ -184,7 +184,7 @@ def test_other_key_set_is_refused(keys, other_keys):
     mine = sa.encrypt_update(public, np.ones(10))
     with pytest.raises(IntegrityError, match="ciphertext 1 was encrypted under a different"):
         sa.weighted_sum(public, [mine, foreign], [0.5, 0.5])
-    with pytest.raises(IntegrityError, match="different CKKS key set"):
+    with pytest.raises(IntegrityError, match="different key set"):
         sa.decrypt_update(secret, foreign)
 
 
@@ -215,9 +215,9 @@ def test_other_key_set_with_forged_header_decrypts_to_detected_garbage(keys, oth
 def test_other_parameters_are_refused(keys):
     secret, public = keys
     big = sa.public_context(sa.create_secret_context())
-    with pytest.raises(IntegrityError, match="different CKKS key set"):
+    with pytest.raises(IntegrityError, match="different key set"):
         sa.weighted_sum(public, [sa.encrypt_update(big, np.ones(3))], [1.0])
-    with pytest.raises(IntegrityError, match="different CKKS key set"):
+    with pytest.raises(IntegrityError, match="different key set"):
         sa.decrypt_update(secret, sa.encrypt_update(big, np.ones(3)))
 
 
@@ -260,7 +260,7 @@ def _garbled(blob: bytes) -> dict[str, bytes]:
         ("cut trailer", "checksum does not match"),
         ("trailing byte", "checksum does not match"),
         ("flipped body byte", "checksum does not match"),
-        ("bad magic", "not a medfed CKKS container"),
+        ("bad magic", "not a medfed MFCK container"),
         ("bad version", "container version 2"),
         ("bad payload", "unknown payload type 7"),
         ("chunk count lie", "2053 values in 9 chunks"),
