@@ -29,8 +29,9 @@ from flows.training import federated_training, prepare_sites, start_job, witness
 from ledger.bench import run as ledger_bench
 from ledger.store import Ledger
 from tasks import StepError, models, secure_agg
-from tasks.config import FederationConfig, load_config
+from tasks.config import FederationConfig, Scheme, SecureAggregationConfig, load_config
 from tasks.coordinator_steps import CoordinatorRun
+from tasks.masking import PairwiseMasks, mask_context
 from tasks.train import dp_step_benchmark
 
 log = logging.getLogger("medfed.bench")
@@ -70,10 +71,10 @@ def time_spent_in(cls: type, *methods: str) -> Iterator[SpentIn]:
             setattr(cls, name, fn)
 
 
-# The bench trains four one-round jobs on one ledger (warm-up, through Prefect, direct, through
-# workers), each calibrated to the demo's epsilon 2: the sites' budget must cover all of them,
-# or the timed rounds would be refusals.
-BENCH_JOBS = 4
+# The bench trains five one-round jobs on one ledger (warm-up, through Prefect, direct, in plain
+# sums, through workers), each calibrated to the demo's epsilon 2: the sites' budget must cover
+# all of them, or the timed rounds would be refusals.
+BENCH_JOBS = 5
 BENCH_EPSILON_BUDGET = 2.0 * BENCH_JOBS + 1.0
 # Local epochs of the timed rounds: sized so that an in-process round takes about a minute
 # here, like real work, against which a worker's fixed cost per phase is measured.
@@ -162,34 +163,114 @@ def distributed_figures(config: Path, in_process: float) -> dict[str, float]:
     }
 
 
-def ckks_figures(fed: FederationConfig, *, million: int = 1_000_000) -> dict[str, float]:
-    params = {
-        "poly_modulus_degree": fed.ckks.poly_modulus_degree,
-        "coeff_mod_bit_sizes": list(fed.ckks.coeff_mod_bit_sizes),
-        "global_scale_bits": fed.ckks.global_scale_bits,
-    }
-    secret = secure_agg.create_secret_context(**params)
-    public = secure_agg.public_context(secret)
-    rng = np.random.default_rng(0)
-    n_model = models.flat_params(models.build(str(fed.model.kind), hidden=fed.model.hidden)).size
-    model_blob = secure_agg.encrypt_update(public, rng.normal(0, 0.01, n_model).astype(np.float32))
-    big = rng.normal(0, 0.01, million).astype(np.float32)
-    start = time.perf_counter()
-    blob = secure_agg.encrypt_update(public, big)
-    encrypt_s = time.perf_counter() - start
-    start = time.perf_counter()
-    aggregate = secure_agg.weighted_sum(public, [blob, blob], [0.5, 0.5])
-    aggregate_s = (time.perf_counter() - start) / 2
-    start = time.perf_counter()
-    secure_agg.decrypt_update(secret, aggregate)
-    decrypt_s = time.perf_counter() - start
+@dataclass(frozen=True)
+class PlainSums:
+    """FedAvg in the clear, behind the secure-aggregation interface: the baseline the bench
+    times the scheme's round against. Never a scheme a federation can choose."""
+
+    scheme: str = "plaintext (bench only)"
+
+    def encrypt(self, update: np.ndarray, *, weight: float, masks: Any) -> bytes:
+        return (np.asarray(update, dtype=np.float32) * weight).tobytes()
+
+    def aggregate(self, blobs: Any, weights: Any) -> bytes:
+        total = sum(np.frombuffer(b, dtype=np.float32).astype(np.float64) for b in blobs)
+        return np.asarray(total, dtype=np.float32).tobytes()
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        return np.frombuffer(blob, dtype=np.float32).copy()
+
+
+@contextmanager
+def plaintext_sums() -> Iterator[None]:
+    """Every site and the coordinator of this process sum in the clear while the block runs
+    (the in-process round calls `secure_agg.for_plan` at each step)."""
+    original = secure_agg.for_plan
+    secure_agg.for_plan = lambda fed, context: PlainSums()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        secure_agg.for_plan = original  # type: ignore[assignment]
+
+
+def plaintext_round_figures(config: Path, with_scheme: float) -> dict[str, float]:
+    """The direct round again, the same way, with plain float sums instead of the scheme."""
+    fed = load_config(config)
+    sites_dir = config.parent / "sites"
+    run, state = prepared_job(fed, "bench-plaintext", sites_dir)
+    with plaintext_sums():
+        start = time.perf_counter()
+        summary = run_round(run, InProcessDispatcher(sites_dir), state, log)
+        plain = time.perf_counter() - start
+    require_every_site_trained(summary, "plaintext")
     return {
-        "model_parameters": float(n_model),
-        "ckks_ciphertext_bytes_per_float32_byte": len(model_blob) / (4 * n_model),
-        "ckks_encrypt_seconds_per_million_params": encrypt_s * 1_000_000 / million,
-        "ckks_aggregate_seconds_per_million_params_per_site": aggregate_s * 1_000_000 / million,
-        "ckks_decrypt_seconds_per_million_params": decrypt_s * 1_000_000 / million,
+        "plaintext_round_seconds": plain,
+        "he_round_over_plaintext_round": with_scheme / plain,
     }
+
+
+def _cohort_masks(names: list[str]) -> dict[str, PairwiseMasks]:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    own = {n: X25519PrivateKey.generate() for n in names}
+    public = {n: k.public_key().public_bytes_raw() for n, k in own.items()}
+    context = mask_context(federation="bench", job="bench", round=1, attempt=0, cohort=names)
+    return {
+        n: PairwiseMasks(
+            own=own[n], own_name=n, peers={p: public[p] for p in names if p != n}, context=context
+        )
+        for n in names
+    }
+
+
+def scheme_figures(
+    sa: SecureAggregationConfig, bound: float, *, prefix: str, million: int = 1_000_000
+) -> dict[str, float]:
+    """Bytes and seconds of one scheme at 1M parameters, for a 3-site cohort: encryption
+    (quantization and masks included) per site, the coordinator's sum per site, decryption."""
+    secret = secure_agg.create_secret(sa)
+    site = secure_agg.backend(sa, secret, bound=bound)
+    coordinator = secure_agg.backend(sa, secure_agg.public_of(sa, secret), bound=bound)
+    names = ["site-a", "site-b", "site-c"]
+    masks = _cohort_masks(names)
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 0.01, million).astype(np.float32) for _ in names]
+    start = time.perf_counter()
+    blobs = [
+        coordinator.encrypt(u, weight=1 / 3, masks=masks[n])
+        for n, u in zip(names, updates, strict=True)
+    ]
+    encrypt_s = (time.perf_counter() - start) / len(names)
+    start = time.perf_counter()
+    aggregate = coordinator.aggregate(blobs, [1 / 3] * 3)
+    aggregate_s = (time.perf_counter() - start) / len(names)
+    start = time.perf_counter()
+    mean = site.decrypt(aggregate)
+    decrypt_s = time.perf_counter() - start
+    scale = 1_000_000 / million
+    return {
+        f"{prefix}bytes_per_float32_byte": len(blobs[0]) / (4 * million),
+        f"{prefix}aggregate_bytes_per_float32_byte": len(aggregate) / (4 * million),
+        f"{prefix}encrypt_seconds_per_million_params": encrypt_s * scale,
+        f"{prefix}aggregate_seconds_per_million_params_per_site": aggregate_s * scale,
+        f"{prefix}decrypt_seconds_per_million_params": decrypt_s * scale,
+        f"{prefix}max_abs_error": float(np.max(np.abs(mean - sum(updates) / 3))),
+    }
+
+
+def secure_agg_figures(fed: FederationConfig) -> dict[str, float]:
+    """The federation's scheme (masked BFV by default) and shared-key CKKS, side by side."""
+    bound = secure_agg.clamp_bound(fed.dp)
+    n_model = models.flat_params(models.build(str(fed.model.kind), hidden=fed.model.hidden)).size
+    ckks_plan = fed.secure_aggregation.model_copy(update={"scheme": Scheme.CKKS})
+    return (
+        {
+            "model_parameters": float(n_model),
+            "secure_agg_scheme": str(fed.secure_aggregation.scheme),
+        }
+        | scheme_figures(fed.secure_aggregation, bound, prefix="secure_agg_")
+        | scheme_figures(ckks_plan, bound, prefix="ckks_")
+    )
 
 
 def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
@@ -209,6 +290,7 @@ def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
         }
         figures |= round_figures(config)
+        figures |= plaintext_round_figures(config, figures["round_direct_seconds"])
         figures |= distributed_figures(config, figures["in_process_round_seconds"])
         # A DP step takes `batch_size` expected patients; the demo's have 3-5 images each.
         figures |= dp_step_benchmark(
@@ -217,6 +299,6 @@ def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
             images_per_patient=4,
             hidden=fed.model.hidden,
         )
-        figures |= ckks_figures(fed)
+        figures |= secure_agg_figures(fed)
         figures |= ledger_bench(root / "ledger-bench")
         return figures

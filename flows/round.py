@@ -303,7 +303,7 @@ def run_round(
     reports = [evals[s].report for s in evaluated]
     version = commit_round(
         run,
-        trained=done,
+        trained=sorted(cohort),  # the sites whose updates the aggregate holds
         refused=refused,
         dropped=dropped,
         evaluations=reports,

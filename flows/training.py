@@ -86,7 +86,7 @@ def start_job(run: CoordinatorRun) -> None:
             "model": str(fed.model.kind),
             "dp": fed.dp.model_dump(mode="json"),
             "min_sites": fed.min_sites,
-            "secure_aggregation": secure_agg.parameters(fed),
+            "secure_aggregation": secure_agg.parameters(fed.secure_aggregation, fed.dp),
         },
     )
 

@@ -342,6 +342,15 @@ def lineage(ledger: Ledger, model: str) -> list[dict[str, Any]]:
     return out
 
 
+def _scheme_label(scheme: object) -> str:
+    """How an upload was protected, as its entry says (entries before schemes were CKKS)."""
+    return {
+        "masked-bfv": "pairwise-masked, BFV-encrypted",
+        None: "CKKS-encrypted",
+        "ckks": "CKKS-encrypted",
+    }.get(scheme, f"{scheme}-encrypted")  # type: ignore[call-overload]
+
+
 def disclosures(
     ledger: Ledger, *, site: str | None = None, since: str | None = None, until: str | None = None
 ) -> list[dict[str, Any]]:
@@ -362,7 +371,7 @@ def disclosures(
         elif action == Action.UPLOAD:
             recipient = "coordinator (artifact store)"
             description = (
-                f"CKKS-encrypted, clipped and noised model update "
+                f"{_scheme_label(d.get('scheme'))}, clipped and noised model update "
                 f"{b['outputs'].get('artifact', '')[:12]} from {d.get('samples')} "
                 f"training images; {d.get('bytes')} bytes"
             )

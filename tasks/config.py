@@ -213,15 +213,6 @@ class BFVConfig(_Strict):
         return self
 
 
-class SecureAggregationConfig(_Strict):
-    scheme: Scheme = Scheme.MASKED_BFV
-    # The site that creates the shared encryption key set (default: the first site listed).
-    # It seals the secret to each other site's X25519 key; the coordinator receives the
-    # public context only.
-    keyholder: Slug | None = None
-    bfv: BFVConfig = BFVConfig()
-
-
 class CKKSConfig(_Strict):
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
@@ -233,6 +224,16 @@ class CKKSConfig(_Strict):
         if v < 4096 or v > 32768 or v & (v - 1):
             raise ValueError("must be a power of two between 4096 and 32768")
         return v
+
+
+class SecureAggregationConfig(_Strict):
+    scheme: Scheme = Scheme.MASKED_BFV
+    # The site that creates the shared encryption key set (default: the first site listed).
+    # It seals the secret to each other site's X25519 key; the coordinator receives the
+    # public context only.
+    keyholder: Slug | None = None
+    bfv: BFVConfig = BFVConfig()
+    ckks: CKKSConfig = CKKSConfig()  # the parameters of scheme "ckks"
 
 
 class FederationConfig(_Strict):
@@ -257,7 +258,6 @@ class FederationConfig(_Strict):
     images: ImagingConfig = ImagingConfig()
     dp: DPConfig = DPConfig(noise_multiplier=1.0)
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
-    ckks: CKKSConfig = CKKSConfig()  # the parameters of scheme "ckks"
     # Written by `medfed register` from the coordinator's root; required to run a job.
     identities: Identities | None = None
     # Tabular federations only: the declared feature schema, `[[features]]` (tasks.schema).

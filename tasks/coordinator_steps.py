@@ -228,7 +228,7 @@ def aggregate(
             )
         )
     weights = FedAvg().weights(dict(cohort))
-    backend = secure_agg.backend(run.fed, public)
+    backend = secure_agg.for_plan(run.fed, public)
     summed = backend.aggregate(blobs, [weights[r.site] for r in reports])
     ref = transport.publish(
         run.fed.artifact_store,

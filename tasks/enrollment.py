@@ -1,10 +1,12 @@
-"""Enrollment (a site's public material, self-signed) and sealed delivery of the CKKS secret.
+"""Enrollment (a site's public material, self-signed) and sealed delivery of the secret
+context of the secure-aggregation scheme.
 
 A site's `enrollment.json` carries only public keys: its Ed25519 identity (signs everything the
-site says) and an X25519 key (receives the CKKS secret). It is signed by the identity key, so
-the coordinator registers exactly what the site's IT produced.
+site says) and an X25519 key (receives the sealed secret; agrees the site's pairwise masks,
+`tasks.masking`). It is signed by the identity key, so the coordinator registers exactly what
+the site's IT produced.
 
-The key-holding site seals the CKKS secret context to each other site: X25519 with a fresh
+The key-holding site seals the secret context to each other site: X25519 with a fresh
 ephemeral key, HKDF-SHA256 bound to (federation, recipient, both public keys), ChaCha20-Poly1305.
 The sealed blob travels through the artifact store under a signed reference; the coordinator,
 which relays it, cannot open it.

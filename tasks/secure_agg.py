@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tasks import IntegrityError, StepError, bfv, ckks
-from tasks.config import DPConfig, FederationConfig, Scheme
+from tasks.config import DPConfig, FederationConfig, Scheme, SecureAggregationConfig
 from tasks.masking import PairwiseMasks, Quantizer
 from tasks.strategy import FedAvg
 
@@ -101,42 +101,36 @@ def clamp_bound(dp: DPConfig) -> float:
     return dp.update_clip_norm * (1.0 + NOISE_HEADROOM_SIGMAS * dp.update_noise_multiplier)
 
 
-def parameters(fed: FederationConfig) -> dict[str, Any]:
+def parameters(sa: SecureAggregationConfig, dp: DPConfig) -> dict[str, Any]:
     """The scheme and everything its key set and encoding depend on (job-start entry)."""
-    if fed.secure_aggregation.scheme == Scheme.CKKS:
-        return {"scheme": str(Scheme.CKKS)} | fed.ckks.model_dump(mode="json")
-    b = fed.secure_aggregation.bfv
-    return {
-        "scheme": str(Scheme.MASKED_BFV),
-        "poly_modulus_degree": b.poly_modulus_degree,
-        "coeff_mod_bit_sizes": list(b.coeff_mod_bit_sizes),
-        "plain_modulus": b.plain_modulus,
-        "quantization_bits": b.quantization_bits,
-        "clamp_bound": clamp_bound(fed.dp),
-        "masks": "pairwise X25519 + HKDF-SHA256 + ChaCha20 over Z_t, per round and attempt",
+    if sa.scheme == Scheme.CKKS:
+        return {"scheme": str(Scheme.CKKS)} | sa.ckks.model_dump(mode="json")
+    return key_parameters(sa) | {
+        "quantization_bits": sa.bfv.quantization_bits,
+        "clamp_bound": clamp_bound(dp),
         "rounding": "stochastic, unbiased",
+        "masks": "pairwise X25519 + HKDF-SHA256 + ChaCha20 over Z_t, per round and attempt",
     }
 
 
-def key_parameters(fed: FederationConfig) -> dict[str, Any]:
+def key_parameters(sa: SecureAggregationConfig) -> dict[str, Any]:
     """What the key set itself is made from (a change needs a new key set)."""
-    p = parameters(fed)
-    if fed.secure_aggregation.scheme == Scheme.CKKS:
-        return p
-    return {
-        k: p[k] for k in ("scheme", "poly_modulus_degree", "coeff_mod_bit_sizes", "plain_modulus")
-    }
+    if sa.scheme == Scheme.CKKS:
+        return {"scheme": str(Scheme.CKKS)} | sa.ckks.model_dump(mode="json")
+    return {"scheme": str(Scheme.MASKED_BFV)} | sa.bfv.model_dump(
+        mode="json", include={"poly_modulus_degree", "coeff_mod_bit_sizes", "plain_modulus"}
+    )
 
 
-def create_secret(fed: FederationConfig) -> bytes:
-    if fed.secure_aggregation.scheme == Scheme.CKKS:
-        c = fed.ckks
+def create_secret(sa: SecureAggregationConfig) -> bytes:
+    if sa.scheme == Scheme.CKKS:
+        c = sa.ckks
         return ckks.create_secret_context(
             poly_modulus_degree=c.poly_modulus_degree,
             coeff_mod_bit_sizes=c.coeff_mod_bit_sizes,
             global_scale_bits=c.global_scale_bits,
         )
-    b = fed.secure_aggregation.bfv
+    b = sa.bfv
     return bfv.create_secret_context(
         poly_modulus_degree=b.poly_modulus_degree,
         coeff_mod_bit_sizes=b.coeff_mod_bit_sizes,
@@ -144,19 +138,22 @@ def create_secret(fed: FederationConfig) -> bytes:
     )
 
 
-def public_of(fed: FederationConfig, secret: bytes) -> bytes:
-    if fed.secure_aggregation.scheme == Scheme.CKKS:
+def public_of(sa: SecureAggregationConfig, secret: bytes) -> bytes:
+    if sa.scheme == Scheme.CKKS:
         return ckks.public_context(secret)
     return bfv.public_context(secret)
 
 
-def backend(fed: FederationConfig, context: bytes) -> SecureAggregation:
-    """The plan's scheme over `context` (a site's secret one or the coordinator's public one)."""
-    if fed.secure_aggregation.scheme == Scheme.CKKS:
+def backend(sa: SecureAggregationConfig, context: bytes, *, bound: float) -> SecureAggregation:
+    """The scheme over `context` (a site's secret one or the coordinator's public one);
+    `bound` clamps masked-BFV's quantization (`clamp_bound` of the plan's DP settings)."""
+    if sa.scheme == Scheme.CKKS:
         return SharedKeyCKKS(context)
-    return MaskedBFV(
-        context, bits=fed.secure_aggregation.bfv.quantization_bits, bound=clamp_bound(fed.dp)
-    )
+    return MaskedBFV(context, bits=sa.bfv.quantization_bits, bound=bound)
+
+
+def for_plan(fed: FederationConfig, context: bytes) -> SecureAggregation:
+    return backend(fed.secure_aggregation, context, bound=clamp_bound(fed.dp))
 
 
 def check_cohort(fed: FederationConfig, cohort: Mapping[str, int]) -> dict[str, float]:

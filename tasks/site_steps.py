@@ -216,7 +216,7 @@ def publish_keys(run: SiteRun) -> dict[str, Any]:
     and seal the secret context to every other site's X25519 key."""
     site, fed = run.site, run.fed
     params_file = site.keys_dir / "he.params.json"
-    params = json.dumps(secure_agg.key_parameters(fed), sort_keys=True)
+    params = json.dumps(secure_agg.key_parameters(fed.secure_aggregation), sort_keys=True)
     if site.he_secret_path.exists():
         if params_file.exists() and params_file.read_text() != params:
             raise StepError(
@@ -227,14 +227,14 @@ def publish_keys(run: SiteRun) -> dict[str, Any]:
     else:
         from ledger import keys as ledger_keys
 
-        secret = secure_agg.create_secret(fed)
+        secret = secure_agg.create_secret(fed.secure_aggregation)
         ledger_keys.write_secret(site.he_secret_path, secret)
         ledger_keys.write_secret(params_file, params.encode())
     job = keys_job(fed.name)
     public = transport.publish(
         fed.artifact_store,
         f"{job}/he.public",
-        secure_agg.public_of(fed, secret),
+        secure_agg.public_of(fed.secure_aggregation, secret),
         job=job,
         round=0,
         site=site.name,
@@ -335,7 +335,7 @@ def global_before(run: SiteRun, features: int) -> np.ndarray:
             f"site {run.name} has no global model of round {target_round} and the instruction "
             "does not carry the aggregates to rebuild it"
         )
-    backend = secure_agg.backend(run.fed, secret_he(run))
+    backend = secure_agg.for_plan(run.fed, secret_he(run))
     strategy = FedAvg()
     for k, ref in enumerate(g.aggregates, start=1):
         blob = transport.fetch(
@@ -671,7 +671,7 @@ def encrypt(run: SiteRun, update: FileRef) -> FileRef:
     if reused is not None:
         return FileRef(path=path, sha256=reused, seconds=0.0)
     vector = load_array(update.path, sha256=update.sha256)
-    backend = secure_agg.backend(run.fed, public_he(run))
+    backend = secure_agg.for_plan(run.fed, public_he(run))
     blob = backend.encrypt(vector, weight=weight, masks=pairwise_masks(run, cohort))
     atomic_write(path, blob)
     digest = hashlib.sha256(blob).hexdigest()
@@ -749,7 +749,7 @@ def evaluate(run: SiteRun, data: DatasetRef) -> dict[str, Any]:
     blob = transport.fetch(
         ref, public_key=run.coordinator_key, job=run.job, round=run.round, kind="aggregate"
     )
-    mean_update = secure_agg.backend(run.fed, secret_he(run)).decrypt(blob)
+    mean_update = secure_agg.for_plan(run.fed, secret_he(run)).decrypt(blob)
     base = global_before(run, data.features)
     new_global = FedAvg().apply(base, mean_update)
     save_array(run.site.global_model(run.job, run.round), new_global)

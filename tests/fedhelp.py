@@ -57,6 +57,7 @@ def tabular_federation(
     purposes=("HRESCH",),
     metrics: str = "exact",
     budget: float = 10.0,
+    model_kinds=("logistic",),
 ) -> Path:
     """Tabular sites (name -> (file, table)) set up in their own roots, registered and
     approving the plan. Exact held-out metrics by default: tests that assert on AUC need the
@@ -65,7 +66,7 @@ def tabular_federation(
         "kind": SiteKind.TABULAR,
         "labels": "outcome",
         "federation": "ehr",
-        "model_kinds": ["logistic"],
+        "model_kinds": list(model_kinds),
         "purposes": list(purposes),
         "epsilon_budget": budget,
         "metrics": metrics,

@@ -27,7 +27,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_demo_config_is_valid_and_paths_resolve_against_the_file(tmp_path):
     fed = load_config(write(tmp_path, GOOD))
     assert [s.name for s in fed.sites] == ["site-a", "site-b"]
-    assert fed.keyholder == "site-a"  # the first site, unless [ckks] keyholder names one
+    assert fed.keyholder == "site-a"  # the first site, unless [secure_aggregation] names one
     assert fed.ledger_url == f"sqlite:///{tmp_path.resolve()}/ledger.db"
     assert fed.artifact_store == (tmp_path.resolve() / "artifacts").as_uri()
     assert fed.dp.target_epsilon == 2.0 and fed.dp.noise_multiplier is None
@@ -38,7 +38,8 @@ def test_the_plan_names_keys_not_paths_and_its_digest_pins_every_setting(tmp_pat
     plan = fed.plan()
     assert "coordinator_root" not in plan and "site_timeout_seconds" not in plan
     assert plan["sites"][0]["public_key"] == KEYS["site-a"][0]
-    assert plan["ckks"]["keyholder"] == "site-a"
+    assert plan["secure_aggregation"]["keyholder"] == "site-a"
+    assert plan["secure_aggregation"]["scheme"] == "masked-bfv"
     other = load_config(
         write(tmp_path, GOOD.replace("learning_rate = 0.25", "learning_rate = 0.3"))
     )
@@ -68,7 +69,24 @@ def test_sites_must_not_share_keys_and_min_sites_is_checked_before_a_job(tmp_pat
         (lambda t: t.replace('kind = "dicom"', 'kind = "xray"', 1), "sites.0.kind"),
         (lambda t: t.replace(KEYS["site-b"][0], "abc"), "sites.1.public_key"),
         (lambda t: t.replace('name = "site-a"', 'name = "site-a"\ndata = "x"'), "sites.0.data"),
-        (lambda t: t.replace("[ckks]", '[ckks]\nkeyholder = "nobody"'), "ckks.keyholder"),
+        (
+            lambda t: t.replace(
+                'scheme = "masked-bfv"', 'scheme = "masked-bfv"\nkeyholder = "nobody"'
+            ),
+            "secure_aggregation.keyholder",
+        ),
+        (
+            lambda t: t.replace('scheme = "masked-bfv"', 'scheme = "rot13"'),
+            "secure_aggregation.scheme",
+        ),
+        (
+            lambda t: t.replace("plain_modulus = 1073153", "plain_modulus = 1073154"),
+            "plain_modulus",
+        ),
+        (
+            lambda t: t.replace("quantization_bits = 18", "quantization_bits = 20"),
+            "quantization_bits",
+        ),
         (
             lambda t: t.replace(
                 "target_epsilon = 2.0", "target_epsilon = 2.0\nnoise_multiplier = 1.0"
@@ -77,8 +95,8 @@ def test_sites_must_not_share_keys_and_min_sites_is_checked_before_a_job(tmp_pat
         ),
         (lambda t: t.replace("delta = 1e-5", "delta = 2"), "dp.delta"),
         (
-            lambda t: t.replace("poly_modulus_degree = 8192", "poly_modulus_degree = 5000"),
-            "ckks.poly_modulus_degree",
+            lambda t: t.replace("poly_modulus_degree = 4096", "poly_modulus_degree = 5000"),
+            "secure_aggregation.bfv.poly_modulus_degree",
         ),
         (lambda t: t.replace('name = "site-b"', 'name = "site-a"'), "site names must be unique"),
         (lambda t: t.replace('name = "site-b"', 'name = "Site B!"'), "sites.1.name"),

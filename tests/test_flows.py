@@ -114,7 +114,7 @@ def test_two_round_federation_is_recorded_step_by_step(tmp_path, cohorts):
     assert ledger.size() == size
 
     # The artifact store holds only ciphertext: no plaintext float vectors, no identifiers.
-    artifacts = list((tmp_path / "artifacts").rglob("*.ckks"))
+    artifacts = list((tmp_path / "artifacts").rglob("*.he"))
     assert len(artifacts) == 2 * 4  # 3 site updates + 1 aggregate per round
     _assert_no_identifiers(cohorts, [tmp_path / "artifacts", tmp_path / "ledger.db"])
 

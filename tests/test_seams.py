@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ledger import keys
-from tasks import IntegrityError, StepError, WorkFailed
-from tasks.config import SiteKind
+from tasks import IntegrityError, StepError, WorkFailed, secure_agg
+from tasks.config import SecureAggregationConfig, SiteKind
 from tasks.datasource import DicomSource, TabularSource, source_for
 from tasks.messages import (
     Phase,
@@ -21,7 +21,6 @@ from tasks.messages import (
     read_report,
     write_report,
 )
-from tasks.secure_agg import SharedKeyCKKS, create_secret_context, public_context
 from tasks.site import DataSettings
 from tasks.strategy import FedAvg
 from tasks.synthetic import tabular_schema, write_tabular_cohort
@@ -44,16 +43,46 @@ def test_fedavg_matches_numpy_weighted_average():
         FedAvg().apply(base, mean[:5])
 
 
-def test_shared_key_backend_hides_updates_from_the_coordinator_side():
-    secret = create_secret_context()
-    site, coordinator = SharedKeyCKKS(secret), SharedKeyCKKS(public_context(secret))
+def _cohort_masks(names):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from tasks.masking import PairwiseMasks, mask_context
+
+    own = {n: X25519PrivateKey.generate() for n in names}
+    public = {n: k.public_key().public_bytes_raw() for n, k in own.items()}
+    context = mask_context(federation="f", job="j", round=1, attempt=0, cohort=names)
+    return {
+        n: PairwiseMasks(
+            own=own[n],
+            own_name=n,
+            peers={p: public[p] for p in names if p != n},
+            context=context,
+        )
+        for n in names
+    }
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "masked-bfv"])
+def test_each_backend_hides_updates_from_the_coordinator_side(scheme):
+    """Both schemes behind one interface: sites encrypt for the cohort, the coordinator sums
+    from the public context alone and can decrypt nothing, the sites decrypt the weighted
+    mean."""
+    sa = SecureAggregationConfig(scheme=scheme)
+    secret = secure_agg.create_secret(sa)
+    site = secure_agg.backend(sa, secret, bound=1.0)
+    coordinator = secure_agg.backend(sa, secure_agg.public_of(sa, secret), bound=1.0)
+    masks = _cohort_masks(["a", "b"])
     a, b = np.full(100, 0.5, np.float32), np.full(100, -0.25, np.float32)
-    summed = coordinator.aggregate([coordinator.encrypt(a), site.encrypt(b)], [0.5, 0.5])
-    assert np.allclose(site.decrypt(summed), 0.125, atol=1e-5)
+    blobs = [
+        coordinator.encrypt(a, weight=0.5, masks=masks["a"]),
+        site.encrypt(b, weight=0.5, masks=masks["b"]),
+    ]
+    summed = coordinator.aggregate(blobs, [0.5, 0.5])
+    assert np.allclose(site.decrypt(summed), 0.125, atol=1e-4)
     with pytest.raises(StepError, match="secret"):
         coordinator.decrypt(summed)
     with pytest.raises(StepError, match="secret key"):
-        site.aggregate([site.encrypt(a)], [1.0])
+        site.aggregate(blobs, [0.5, 0.5])
 
 
 def test_data_sources_hash_their_raw_inputs(tmp_path):

@@ -344,7 +344,7 @@ def validate(config: Annotated[Path, typer.Argument(help="Federation TOML file."
     fed.check_runnable()
     transport.check_writable(fed.artifact_store)
     check_enrolled(Ledger(fed.ledger_url, roster=fed.roster()), fed)
-    create_secret(fed)  # the scheme's parameters make a valid key set
+    create_secret(fed.secure_aggregation)  # the scheme's parameters make a valid key set
     out.print(
         f"{config}: valid; {len(fed.sites)} sites registered; artifact store writable; "
         f"plan digest {plan_digest(fed.plan())}"
@@ -359,7 +359,7 @@ def bench(
         Path | None, typer.Option(help="Scratch folder (default: a temp dir).")
     ] = None,
 ) -> None:
-    """Measure round time, Prefect overhead, DP-SGD cost and CKKS cost on this machine."""
+    """Measure round time, Prefect overhead, DP-SGD and secure-aggregation cost here."""
     from flows.bench import run_benchmarks
 
     quiet_prefect_console()
