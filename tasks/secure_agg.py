@@ -82,7 +82,7 @@ class MaskedBFV:
         vector = np.asarray(update)
         if vector.ndim != 1 or vector.size == 0 or not np.all(np.isfinite(vector)):
             raise StepError("the update must be a non-empty 1-D vector of finite numbers")
-        # Stochastic rounding draws from the OS CSPRNG: its randomness must not be replayable.
+        # Rounding noise seeded from OS entropy, never from the plan's public seed.
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence()))
         quantized = q.quantize(vector, weight, rng)
         masked = (quantized + masks.total(vector.size, q.modulus)) % q.modulus

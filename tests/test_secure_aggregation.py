@@ -18,7 +18,7 @@ from flows.round import run_round
 from flows.training import prepare_sites, start_job
 from ledger.store import Ledger
 from ledger.verify import verify_ledger
-from tasks import bfv, ckks, secure_agg
+from tasks import IntegrityError, bfv, ckks, secure_agg
 from tasks.config import load_config
 from tasks.coordinator_steps import CoordinatorRun
 from tasks.enrollment import load_kex
@@ -213,3 +213,45 @@ def test_a_site_killed_after_the_others_masked_is_masked_out_afresh(tmp_path, mo
 def commit_cohort(ledger: Ledger, attempt: int) -> dict[str, int]:
     (entry,) = [e for e in ledger.events(action="cohort") if e["details"]["attempt"] == attempt]
     return entry["details"]["cohort"]
+
+
+def test_a_site_masks_only_for_the_cohort_the_ledger_names(tmp_path):
+    """The coordinator cannot hand one site a smaller cohort (to pair it with a colluder)
+    than the others: the site checks its instruction against the coordinator's ledger entry,
+    and refuses a recorded cohort below min_sites. It uploads nothing either way."""
+    from tasks.coordinator_steps import record_cohort
+    from tasks.messages import Phase, make_instruction
+    from tasks.site_phase import run_site_phase
+
+    config = federation(tmp_path)
+    fed, _ = one_round(config)
+    ledger = Ledger(fed.ledger_url)
+    (recorded,) = ledger.events(action="cohort")
+    cohort = recorded["details"]["cohort"]
+    run = CoordinatorRun(fed=fed, job="job-1", round=1)
+    state = run.paths.load_state("job-1", "prepare")
+
+    def upload_instruction(cohort: dict, attempt: int) -> str:
+        return make_instruction(
+            signer=run.identity,
+            job="job-1",
+            round=1,
+            phase=Phase.UPLOAD,
+            site=TARGET,
+            plan=run.plan,
+            plan_digest=run.digest,
+            timeout_seconds=60,
+            cohort=cohort,
+            attempt=attempt,
+            he_public=state["he_public"],
+            he_secret=state["he_sealed"].get(TARGET),
+        )
+
+    uploads = len(ledger.events(action="upload"))
+    pair = {COLLUDER: cohort[COLLUDER], TARGET: cohort[TARGET]}
+    with pytest.raises(IntegrityError, match="not the one the coordinator recorded"):
+        run_site_phase(upload_instruction(pair, 0), site_root(config, TARGET))
+    record_cohort(run, {TARGET: cohort[TARGET]}, 5)
+    with pytest.raises(IntegrityError, match="fewer than the plan's min_sites"):
+        run_site_phase(upload_instruction({TARGET: cohort[TARGET]}, 5), site_root(config, TARGET))
+    assert len(ledger.events(action="upload")) == uploads
