@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -307,7 +307,7 @@ def lineage(ledger: Ledger, model: str) -> list[dict[str, Any]]:
                         "round": r,
                         "site": "",
                         "hash": b["outputs"].get("aggregate", ""),
-                        "detail": "weights " + json.dumps(b.get("details", {}).get("weights")),
+                        "detail": _aggregate_detail(b.get("details", {})),
                         "seq": b["seq"],
                     }
                 )
@@ -340,6 +340,13 @@ def lineage(ledger: Ledger, model: str) -> list[dict[str, Any]]:
                 base = base or b.get("inputs", {}).get("global_model")
         target = base
     return out
+
+
+def _aggregate_detail(d: Mapping[str, Any]) -> str:
+    """Which sites an aggregate covers, under which scheme and upload attempt, and weights."""
+    covers = f"{d['scheme']} sum of {', '.join(d.get('sites', []))}" if "scheme" in d else ""
+    attempt = f" (upload attempt {d['attempt']})" if d.get("attempt") else ""
+    return f"{covers}{attempt}; weights {json.dumps(d.get('weights'))}".lstrip("; ")
 
 
 def _scheme_label(scheme: object) -> str:
