@@ -194,6 +194,8 @@ def upload_cohort(
     refs: dict[str, Any],
     dropped: dict[str, str],
     logger: Any,
+    *,
+    after: int = -1,
 ) -> tuple[dict[str, SiteOutcome], dict[str, int], int]:
     """Ask the sites that trained to mask, encrypt and upload for exactly that cohort. When
     one drops after the others masked, its masks would not cancel: under masked BFV, run the
@@ -201,7 +203,7 @@ def upload_cohort(
     is charged once). Each attempt's cohort is on the ledger before anyone masks for it.
     Returns the uploads, the cohort they cover and its attempt; `dropped` grows in place."""
     masked = run.fed.secure_aggregation.scheme == Scheme.MASKED_BFV
-    attempt = -1
+    attempt = after
     while len(cohort) >= run.fed.min_sites:
         attempt = attempt_for(run, cohort, after=attempt)
         record_cohort(run, cohort, attempt)
@@ -224,6 +226,20 @@ def upload_cohort(
         f"round {run.round}: only {len(cohort)} sites uploaded, fewer than min_sites="
         f"{run.fed.min_sites}; the trained updates are kept: retry the round"
     )
+
+
+def planned_cohort(
+    run: CoordinatorRun, prepared: dict[str, Any], active: list[str]
+) -> tuple[dict[str, int] | None, int]:
+    """Every active site with the training samples it prepared, recorded as this round's
+    first cohort (None for a job prepared before cohorts were named up front)."""
+    samples = prepared.get("samples")
+    if samples is None:
+        return None, -1
+    cohort = {s: int(samples[s]) for s in active}
+    attempt = attempt_for(run, cohort, after=-1)
+    record_cohort(run, cohort, attempt)
+    return cohort, attempt
 
 
 def attempt_for(run: CoordinatorRun, cohort: dict[str, int], *, after: int) -> int:
@@ -249,8 +265,20 @@ def run_round(
     refs = site_refs(prepared)
     start_from = global_model(run)
 
+    # The cohort is named before training, so the sites mask and upload in the same phase;
+    # when one does not complete, the others mask again for a new cohort (upload phase).
+    planned, attempt = planned_cohort(run, prepared, active)
     trained = dispatcher.run(
-        phase_call(run, Phase.TRAIN, active, global_model=start_from, **refs), active
+        phase_call(
+            run,
+            Phase.TRAIN,
+            active,
+            global_model=start_from,
+            cohort=planned,
+            attempt=max(attempt, 0),
+            **refs,
+        ),
+        active,
     )
     dropped = record_drops(run, trained, Phase.TRAIN, logger)
     done = [s for s in active if trained[s].outcome == Outcome.COMPLETED]
@@ -286,8 +314,15 @@ def run_round(
         from tasks.coordinator_steps import public_he
 
         public = public_he(run, prepared)
-    cohort = {s: int(trained[s].report.data["samples"]) for s in done}  # type: ignore[union-attr]
-    uploads, cohort, attempt = upload_cohort(run, dispatcher, cohort, refs, dropped, logger)
+    masked = fed.secure_aggregation.scheme == Scheme.MASKED_BFV
+    if planned is not None and (set(done) == set(planned) or not masked):
+        # Every planned site uploaded, or nothing is masked: its uploads are summed as they are.
+        uploads, cohort = trained, {s: planned[s] for s in done}
+    else:
+        cohort = {s: int(trained[s].report.data["samples"]) for s in done}  # type: ignore[union-attr]
+        uploads, cohort, attempt = upload_cohort(
+            run, dispatcher, cohort, refs, dropped, logger, after=attempt
+        )
     agg = aggregate(run, [uploads[s].report for s in cohort], cohort, attempt, public)
     evaluators = [s for s in active if s not in dropped]
     evals = dispatcher.run(

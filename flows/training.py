@@ -112,6 +112,8 @@ def prepare_sites(run: CoordinatorRun, sites_dir: str | None, logger) -> dict:
     state = {
         "active": active,
         "dropped": dropped,
+        # Training samples per site: each round's cohort is named (with them) before training.
+        "samples": {s: int(outcomes[s].report.data["samples_train"]) for s in active},  # type: ignore[union-attr]
         "he_public": keys["he_public"],
         "he_sealed": keys.get("he_sealed", {}),
     }

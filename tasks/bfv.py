@@ -17,7 +17,6 @@ Ciphertexts travel in `tasks.he_container` (magic "MFBV").
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +24,17 @@ import tenseal as ts
 import tenseal.sealapi  # noqa: F401  (registers seal::Modulus, so the modulus can be read)
 
 from tasks import IntegrityError, StepError
-from tasks.he_container import Container, Payload, chunk_size, pack, unpack
+from tasks.he_container import (
+    Container,
+    Payload,
+    check_summands,
+    chunk_size,
+    context_id,
+    load_context,
+    make_public,
+    pack,
+    unpack,
+)
 
 DEFAULT_POLY_MODULUS_DEGREE = 4096
 DEFAULT_COEFF_MOD_BIT_SIZES: tuple[int, ...] = (36, 36)
@@ -67,29 +76,19 @@ def create_secret_context(
 
 
 def public_context(secret_context: bytes) -> bytes:
-    """The coordinator's copy: public key only, secret key dropped."""
-    ctx = _load_context(secret_context, what="secret context")
-    if not ctx.is_private():
-        raise StepError("public_context needs the secret context; this one is already public")
-    ctx.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
-    data = ctx.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    check = _load_context(data, what="public context")
-    if check.is_private() or check.has_secret_key():
-        raise StepError("public context still holds a secret key; refusing to hand it out")
-    return data
+    """The coordinator's copy of `secret_context`: public key only, secret key dropped."""
+    return make_public(secret_context, scheme=ts.SCHEME_TYPE.BFV)
 
 
 def plain_modulus(context: bytes) -> int:
-    return _plain_modulus(_load_context(context, what="context"))
+    return _plain_modulus(_load(context, what="context"))
 
 
 def encrypt(context: bytes, values: np.ndarray) -> bytes:
     """Encrypt a 1-D vector of elements of Z_t (any integer representatives)."""
-    ctx = _load_context(context, what="context")
+    ctx = _load(context, what="context")
     t, slots = _plain_modulus(ctx), _slot_count(ctx)
-    context_id = _context_id(ctx)  # before encrypting: TenSEAL's serialization changes after
+    cid = context_id(ctx)  # before encrypting (see context_id)
     arr = np.asarray(values)
     if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
         raise StepError(f"BFV encrypts a non-empty 1-D integer vector, got {arr.dtype} {arr.shape}")
@@ -107,7 +106,7 @@ def encrypt(context: bytes, values: np.ndarray) -> bytes:
             payload=Payload.UPDATE,
             slot_count=slots,
             length=int(centred.size),
-            context_id=context_id,
+            context_id=cid,
             chunks=tuple(chunks),
         ),
     )
@@ -115,7 +114,7 @@ def encrypt(context: bytes, values: np.ndarray) -> bytes:
 
 def add(public_context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
     """The coordinator's aggregation: the sum of fresh site ciphertexts, from public material."""
-    ctx = _load_context(public_context, what="public context")
+    ctx = _load(public_context, what="public context")
     if ctx.is_private() or ctx.has_secret_key():
         raise StepError(
             "the BFV sum was given a context holding the secret key; the coordinator must hold "
@@ -123,20 +122,12 @@ def add(public_context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
         )
     if not ciphertexts:
         raise StepError("a BFV sum needs at least one ciphertext")
-    context_id, slots = _context_id(ctx), _slot_count(ctx)
+    cid, slots = context_id(ctx), _slot_count(ctx)
     containers = [
-        unpack(MAGIC, c, what=f"ciphertext {i}", context_id=context_id, slot_count=slots)
+        unpack(MAGIC, c, what=f"ciphertext {i}", context_id=cid, slot_count=slots)
         for i, c in enumerate(ciphertexts)
     ]
-    first = containers[0]
-    for i, c in enumerate(containers):
-        if c.payload is not Payload.UPDATE:
-            raise StepError(f"ciphertext {i} is already an aggregate; only site updates are summed")
-        if (c.length, len(c.chunks)) != (first.length, len(first.chunks)):
-            raise StepError(
-                f"ciphertext {i} holds {c.length} values in {len(c.chunks)} chunks, ciphertext 0 "
-                f"holds {first.length} in {len(first.chunks)}"
-            )
+    first = check_summands(containers)
     out = []
     for j in range(len(first.chunks)):
         size = chunk_size(first.length, slots, j)
@@ -156,7 +147,7 @@ def add(public_context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
             payload=Payload.AGGREGATE,
             slot_count=slots,
             length=first.length,
-            context_id=context_id,
+            context_id=cid,
             chunks=tuple(out),
         ),
     )
@@ -164,11 +155,11 @@ def add(public_context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
 
 def decrypt(secret_context: bytes, ciphertext: bytes) -> np.ndarray:
     """The vector a container holds, as int64 in (-t/2, t/2]."""
-    ctx = _load_context(secret_context, what="secret context")
+    ctx = _load(secret_context, what="secret context")
     if not (ctx.is_private() and ctx.has_secret_key()):
         raise StepError("BFV decryption needs the site's secret context; this context is public")
     slots = _slot_count(ctx)
-    c = unpack(MAGIC, ciphertext, what="ciphertext", context_id=_context_id(ctx), slot_count=slots)
+    c = unpack(MAGIC, ciphertext, what="ciphertext", context_id=context_id(ctx), slot_count=slots)
     parts = []
     for j, chunk in enumerate(c.chunks):
         what = f"ciphertext chunk {j}"
@@ -181,28 +172,6 @@ def decrypt(secret_context: bytes, ciphertext: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- internals
-
-
-def _load_context(data: bytes, *, what: str) -> ts.Context:
-    if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
-        raise StepError(f"{what} must be non-empty serialized TenSEAL context bytes")
-    try:
-        ctx = ts.context_from(bytes(data))
-        scheme = ctx.seal_context().data.first_context_data().parms().scheme()
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise StepError(f"{what} is not a serialized TenSEAL context: {exc}") from exc
-    if scheme != ts.SCHEME_TYPE.BFV.value:
-        raise StepError(f"{what} is a {scheme.name} context, not BFV")
-    if not ctx.has_public_key():
-        raise StepError(f"{what} holds no public key")
-    return ctx
-
-
-def _context_id(ctx: ts.Context) -> bytes:
-    public = ctx.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    return hashlib.sha256(public).digest()
 
 
 def _slot_count(ctx: ts.Context) -> int:
@@ -225,3 +194,7 @@ def _load_vector(ctx: ts.Context, data: bytes, *, size: int, what: str) -> ts.BF
     if len(cts) != 1 or cts[0].size() != 2:
         raise IntegrityError(f"{what} is not a fresh two-component ciphertext")
     return v
+
+
+def _load(data: bytes, *, what: str) -> ts.Context:
+    return load_context(data, what=what, scheme=ts.SCHEME_TYPE.BFV)

@@ -29,7 +29,6 @@ IND-CPA-D): round or noise decrypted values before they leave a site.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -46,7 +45,11 @@ from tasks.he_container import (  # noqa: F401  (the container's layout, for tes
     VERSION,
     Container,
     Payload,
+    check_summands,
     chunk_size,
+    context_id,
+    load_context,
+    make_public,
     pack,
     unpack,
 )
@@ -106,22 +109,12 @@ def create_secret_context(
 
 def public_context(secret_context: bytes) -> bytes:
     """The coordinator's copy of `secret_context`: public key only, secret key dropped."""
-    ctx = _load_context(secret_context, what="secret context")
-    if not ctx.is_private():
-        raise StepError("public_context needs the secret context; this one is already public")
-    ctx.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
-    data = ctx.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    check = _load_context(data, what="public context")
-    if check.is_private() or check.has_secret_key():
-        raise StepError("public context still holds a secret key; refusing to hand it out")
-    return data
+    return make_public(secret_context, scheme=ts.SCHEME_TYPE.CKKS)
 
 
 def plaintext_bound(context: bytes) -> float:
     """Largest |value| `encrypt_update` accepts under `context` (2^16 for the defaults)."""
-    return _plaintext_bound(_load_context(context, what="context"))
+    return _plaintext_bound(_load(context, what="context"))
 
 
 # ---------------------------------------------------------------- site and coordinator steps
@@ -129,7 +122,7 @@ def plaintext_bound(context: bytes) -> float:
 
 def encrypt_update(context: bytes, update: np.ndarray) -> bytes:
     """Encrypt a 1-D float vector into one container; a public context suffices."""
-    ctx = _load_context(context, what="context")
+    ctx = _load(context, what="context")
     x = _as_update(update, bound=_plaintext_bound(ctx))
     slots = _slot_count(ctx)
     try:
@@ -145,7 +138,7 @@ def encrypt_update(context: bytes, update: np.ndarray) -> bytes:
             payload=Payload.UPDATE,
             slot_count=slots,
             length=int(x.size),
-            context_id=_context_id(ctx),
+            context_id=context_id(ctx),
             chunks=tuple(chunks),
         ),
     )
@@ -159,7 +152,7 @@ def weighted_sum(
     Refuses a context that holds a secret key. Weights must be finite, non-negative, not all
     zero and sum to at most 1 (normalize them: FedAvg's n_i / n), which keeps the sum in range.
     """
-    ctx = _load_context(public_context, what="public context")
+    ctx = _load(public_context, what="public context")
     if ctx.is_private() or ctx.has_secret_key():
         raise StepError(
             "weighted_sum was given a context holding the secret key; the coordinator must "
@@ -168,25 +161,17 @@ def weighted_sum(
     w = _check_weights(weights, count=len(ciphertexts))
     if _rescale_levels(ctx) < 1:
         raise StepError("public context has no level left for the weight multiply")
-    context_id, slots = _context_id(ctx), _slot_count(ctx)
+    cid, slots = context_id(ctx), _slot_count(ctx)
     # TenSEAL's rescale divides by the last data prime q but then labels the result with the
     # global scale D instead of D^2 / q: every product comes out multiplied by D / q (a bias of
     # 1.3e-7 for the defaults, 4.6e-5 for a 30-bit prime). Multiplying the weight by q / D first
     # cancels it exactly, leaving only CKKS noise.
     w = w * (_rescale_prime(ctx) / ctx.global_scale)
     containers = [
-        unpack(MAGIC, c, what=f"ciphertext {i}", context_id=context_id, slot_count=slots)
+        unpack(MAGIC, c, what=f"ciphertext {i}", context_id=cid, slot_count=slots)
         for i, c in enumerate(ciphertexts)
     ]
-    first = containers[0]
-    for i, c in enumerate(containers):
-        if c.payload is not Payload.UPDATE:
-            raise StepError(f"ciphertext {i} is already an aggregate; only site updates are summed")
-        if (c.length, len(c.chunks)) != (first.length, len(first.chunks)):
-            raise StepError(
-                f"ciphertext {i} holds {c.length} values in {len(c.chunks)} chunks, ciphertext 0 "
-                f"holds {first.length} in {len(first.chunks)}"
-            )
+    first = check_summands(containers)
     out = []
     for j in range(len(first.chunks)):
         size = chunk_size(first.length, slots, j)
@@ -207,7 +192,7 @@ def weighted_sum(
             payload=Payload.AGGREGATE,
             slot_count=slots,
             length=first.length,
-            context_id=context_id,
+            context_id=cid,
             chunks=tuple(out),
         ),
     )
@@ -215,11 +200,11 @@ def weighted_sum(
 
 def decrypt_update(secret_context: bytes, ciphertext: bytes) -> np.ndarray:
     """Decrypt a container (an update or an aggregate) to a float32 vector of its length."""
-    ctx = _load_context(secret_context, what="secret context")
+    ctx = _load(secret_context, what="secret context")
     if not (ctx.is_private() and ctx.has_secret_key()):
         raise StepError("decrypt_update needs the site's secret context; this context is public")
     slots = _slot_count(ctx)
-    c = unpack(MAGIC, ciphertext, what="ciphertext", context_id=_context_id(ctx), slot_count=slots)
+    c = unpack(MAGIC, ciphertext, what="ciphertext", context_id=context_id(ctx), slot_count=slots)
     parts = []
     for j, chunk in enumerate(c.chunks):
         what = f"ciphertext chunk {j}"
@@ -239,29 +224,6 @@ def decrypt_update(secret_context: bytes, ciphertext: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- internals
-
-
-def _load_context(data: bytes, *, what: str) -> ts.Context:
-    if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
-        raise StepError(f"{what} must be non-empty serialized TenSEAL context bytes")
-    try:
-        ctx = ts.context_from(bytes(data))
-        scheme = ctx.seal_context().data.first_context_data().parms().scheme()
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise StepError(f"{what} is not a serialized TenSEAL context: {exc}") from exc
-    if scheme != ts.SCHEME_TYPE.CKKS.value:
-        raise StepError(f"{what} is a {scheme.name} context, not CKKS")
-    if not ctx.has_public_key():
-        raise StepError(f"{what} holds no public key")
-    return ctx
-
-
-def _context_id(ctx: ts.Context) -> bytes:
-    """SHA-256 of the public part: parameters, scale and public key (same for both copies)."""
-    public = ctx.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    return hashlib.sha256(public).digest()
 
 
 def _slot_count(ctx: ts.Context) -> int:
@@ -351,3 +313,7 @@ __all__ = [
     "public_context",
     "weighted_sum",
 ]
+
+
+def _load(data: bytes, *, what: str) -> ts.Context:
+    return load_context(data, what=what, scheme=ts.SCHEME_TYPE.CKKS)

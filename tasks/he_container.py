@@ -1,4 +1,5 @@
-"""The container every homomorphic ciphertext travels in (CKKS and BFV alike)::
+"""TenSEAL contexts and the container every homomorphic ciphertext travels in (CKKS and BFV
+alike), shared by `tasks.ckks` and `tasks.bfv`::
 
     header   MAGIC (4 bytes, per scheme) | version u8 | payload u8 | slot_count u32
              | length u64 | chunk_count u32 | context_id 32 bytes      (big-endian, HEADER)
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from tasks import IntegrityError
+import tenseal as ts
+
+from tasks import IntegrityError, StepError
 
 VERSION = 1
 # magic, version, payload, slot_count, length, chunk_count, context_id
@@ -46,6 +50,64 @@ class Container:
 
 def chunk_size(length: int, slots: int, j: int) -> int:
     return min(slots, length - j * slots)
+
+
+# ---------------------------------------------------------------- contexts
+
+
+def load_context(data: bytes, *, what: str, scheme: ts.SCHEME_TYPE) -> ts.Context:
+    """A serialized TenSEAL context of `scheme` holding a public key, or one clear StepError."""
+    if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
+        raise StepError(f"{what} must be non-empty serialized TenSEAL context bytes")
+    try:
+        ctx = ts.context_from(bytes(data))
+        found = ctx.seal_context().data.first_context_data().parms().scheme()
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise StepError(f"{what} is not a serialized TenSEAL context: {exc}") from exc
+    if found != scheme.value:
+        raise StepError(f"{what} is a {found.name} context, not {scheme.name}")
+    if not ctx.has_public_key():
+        raise StepError(f"{what} holds no public key")
+    return ctx
+
+
+def context_id(ctx: ts.Context) -> bytes:
+    """SHA-256 of the public part: parameters and public key (the same for both copies).
+    Take it before encrypting under `ctx`: TenSEAL's serialization of a context changes once
+    it has encrypted."""
+    public = ctx.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    return hashlib.sha256(public).digest()
+
+
+def make_public(secret_context: bytes, *, scheme: ts.SCHEME_TYPE) -> bytes:
+    """The coordinator's copy of a secret context: public key only, secret key dropped."""
+    ctx = load_context(secret_context, what="secret context", scheme=scheme)
+    if not ctx.is_private():
+        raise StepError("public_context needs the secret context; this one is already public")
+    ctx.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
+    data = ctx.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    check = load_context(data, what="public context", scheme=scheme)
+    if check.is_private() or check.has_secret_key():
+        raise StepError("public context still holds a secret key; refusing to hand it out")
+    return data
+
+
+def check_summands(containers: Sequence[Container]) -> Container:
+    """Fresh site updates of one shape, the only things a coordinator sums; the first."""
+    first = containers[0]
+    for i, c in enumerate(containers):
+        if c.payload is not Payload.UPDATE:
+            raise StepError(f"ciphertext {i} is already an aggregate; only site updates are summed")
+        if (c.length, len(c.chunks)) != (first.length, len(first.chunks)):
+            raise StepError(
+                f"ciphertext {i} holds {c.length} values in {len(c.chunks)} chunks, ciphertext 0 "
+                f"holds {first.length} in {len(first.chunks)}"
+            )
+    return first
 
 
 def pack(magic: bytes, c: Container) -> bytes:

@@ -38,8 +38,9 @@ NONCE_BYTES = 16
 
 class Phase(StrEnum):
     PREPARE = "prepare"  # once per job run: check, preprocess, key material; nobody trains
-    TRAIN = "train"  # preprocess (cached) -> train -> clip_and_noise (the update stays here)
-    UPLOAD = "upload"  # for the named cohort: mask and encrypt -> upload (again on a dropout)
+    # preprocess (cached) -> train -> clip_and_noise -> (cohort named) mask, encrypt -> upload
+    TRAIN = "train"
+    UPLOAD = "upload"  # after a dropout: mask and encrypt again for a new cohort -> upload
     EVALUATE = "evaluate"  # fetch aggregate -> decrypt -> strategy update -> evaluate
     WITNESS = "witness"  # check the ledger extends what the site saw; cosign its checkpoint
 

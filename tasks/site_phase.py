@@ -239,27 +239,29 @@ def train_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
             {"refused": "budget", "epsilon": trained.epsilon, "samples": trained.n_samples},
         )
     update = call(clip_and_noise, run, trained)
-    # The update stays here until the coordinator names the cohort it is summed with.
-    return (
-        Status.COMPLETED,
-        "",
-        {
-            "samples": trained.n_samples,
-            "epsilon": trained.epsilon,
-            "base_model": trained.base_model,
-            "ingest": data.ingest,
-            "seconds": {
-                "preprocess": data.seconds,
-                "train": trained.seconds,
-                "clip": update.seconds,
-            },
-        },
-    )
+    data_out: dict[str, Any] = {
+        "samples": trained.n_samples,
+        "epsilon": trained.epsilon,
+        "base_model": trained.base_model,
+        "ingest": data.ingest,
+        "seconds": {"preprocess": data.seconds, "train": trained.seconds, "clip": update.seconds},
+    }
+    if not run.instr.cohort:  # the update stays here until the coordinator names a cohort
+        return Status.COMPLETED, "", data_out
+    # The coordinator named the cohort up front (every active site): mask and upload now.
+    status, reason, uploaded = mask_and_upload(run, call, update)
+    if status != Status.COMPLETED:
+        return status, reason, uploaded | {"samples": trained.n_samples}
+    seconds = data_out["seconds"] | uploaded.pop("seconds")
+    return Status.COMPLETED, "", data_out | uploaded | {"seconds": seconds}
 
 
 def upload_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]:
     """Mask and encrypt the clipped update for the instruction's cohort, then upload it."""
-    update = released_update(run)
+    return mask_and_upload(run, call, released_update(run))
+
+
+def mask_and_upload(run: SiteRun, call: Call, update: Any) -> tuple[Status, str, dict[str, Any]]:
     cipher = call(encrypt, run, update)
     try:
         ref, seconds = call(upload, run, cipher)

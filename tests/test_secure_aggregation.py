@@ -160,9 +160,10 @@ def test_the_shared_key_ckks_scheme_falls_to_the_same_coalition(tmp_path):
 
 
 def test_a_site_killed_after_the_others_masked_is_masked_out_afresh(tmp_path, monkeypatch):
-    """clinic-c fails in its upload phase while the others mask and upload: the coordinator
-    names a new cohort, the others mask again with fresh masks (no training, one charge),
-    and the aggregate covers exactly them. No individual update was ever decrypted."""
+    """clinic-c dies after masking (its first upload) while the others mask and upload: the
+    coordinator names a new cohort, the others mask again with fresh masks in an upload
+    phase (no training, one charge), and the aggregate covers exactly them. No individual
+    update was ever decrypted."""
     import tasks.site_phase as site_phase
 
     real_upload = site_phase.upload
@@ -185,7 +186,7 @@ def test_a_site_killed_after_the_others_masked_is_masked_out_afresh(tmp_path, mo
     (agg,) = ledger.events(action="secure_aggregate")
     assert agg["details"]["sites"] == [COLLUDER, TARGET] and agg["details"]["attempt"] == 1
     (drop,) = ledger.events(action="drop")
-    assert (drop["site"], drop["details"]["phase"]) == (HONEST, "upload")
+    assert (drop["site"], drop["details"]["phase"]) == (HONEST, "train")  # masked, then lost
     (commit,) = ledger.events(action="commit_round")
     assert commit["details"]["participants"] == [COLLUDER, TARGET]
     # Trained once, charged once: both uploads of a site name the same budget hold.
