@@ -37,6 +37,7 @@ from tasks.record import Recorder
 from tasks.site import Site, load_site
 from tasks.site_run import SiteRun, step_log
 from tasks.site_steps import (
+    FileRef,
     clip_and_noise,
     encrypt,
     evaluate,
@@ -261,7 +262,10 @@ def upload_phase(run: SiteRun, call: Call) -> tuple[Status, str, dict[str, Any]]
     return mask_and_upload(run, call, released_update(run))
 
 
-def mask_and_upload(run: SiteRun, call: Call, update: Any) -> tuple[Status, str, dict[str, Any]]:
+def mask_and_upload(
+    run: SiteRun, call: Call, update: FileRef
+) -> tuple[Status, str, dict[str, Any]]:
+    """The update leaves the site for the instruction's cohort: masked, encrypted, uploaded."""
     cipher = call(encrypt, run, update)
     try:
         ref, seconds = call(upload, run, cipher)
