@@ -338,7 +338,7 @@ def run_round(
     reports = [evals[s].report for s in evaluated]
     version = commit_round(
         run,
-        trained=sorted(cohort),  # the sites whose updates the aggregate holds
+        trained=sorted(agg.weights),  # the sites whose updates the aggregate holds
         refused=refused,
         dropped=dropped,
         evaluations=reports,
