@@ -31,7 +31,7 @@ from ledger.store import Ledger
 from tasks import StepError, models, secure_agg
 from tasks.config import FederationConfig, Scheme, SecureAggregationConfig, load_config
 from tasks.coordinator_steps import CoordinatorRun
-from tasks.masking import PairwiseMasks, mask_context
+from tasks.masking import mask_context, simulated_cohort
 from tasks.train import dp_step_benchmark
 
 log = logging.getLogger("medfed.bench")
@@ -94,6 +94,16 @@ def prepared_job(fed: FederationConfig, job: str, sites_dir: Path | None) -> tup
     return CoordinatorRun(fed=fed, job=job, round=1), state
 
 
+def timed_direct_round(fed: FederationConfig, job: str, sites_dir: Path) -> float:
+    """Seconds of one round of a new job, its sites as threads of this process, no Prefect."""
+    run, state = prepared_job(fed, job, sites_dir)
+    start = time.perf_counter()
+    summary = run_round(run, InProcessDispatcher(sites_dir), state, log)
+    seconds = time.perf_counter() - start
+    require_every_site_trained(summary, job)
+    return seconds
+
+
 def timed_witness(fed: FederationConfig, job: str, dispatcher: Any) -> float:
     """Seconds for every site to check and cosign the checkpoint of round 1 of `job`."""
     sites = [s.name for s in fed.sites]
@@ -120,11 +130,7 @@ def round_figures(config: Path) -> dict[str, float]:
     require_every_site_trained(summary, "Prefect")
     witnessed = timed_witness(fed, "bench-prefect", InProcessDispatcher(sites_dir))
 
-    run, state = prepared_job(fed, "bench-direct", sites_dir)
-    start = time.perf_counter()
-    summary = run_round(run, InProcessDispatcher(sites_dir), state, log)
-    direct = time.perf_counter() - start
-    require_every_site_trained(summary, "direct")
+    direct = timed_direct_round(fed, "bench-direct", sites_dir)
     return {
         "first_job_seconds_including_prefect_startup": first,
         "round_wall_seconds": through_prefect,
@@ -195,31 +201,11 @@ def plaintext_sums() -> Iterator[None]:
 
 def plaintext_round_figures(config: Path, with_scheme: float) -> dict[str, float]:
     """The direct round again, the same way, with plain float sums instead of the scheme."""
-    fed = load_config(config)
-    sites_dir = config.parent / "sites"
-    run, state = prepared_job(fed, "bench-plaintext", sites_dir)
     with plaintext_sums():
-        start = time.perf_counter()
-        summary = run_round(run, InProcessDispatcher(sites_dir), state, log)
-        plain = time.perf_counter() - start
-    require_every_site_trained(summary, "plaintext")
+        plain = timed_direct_round(load_config(config), "bench-plaintext", config.parent / "sites")
     return {
         "plaintext_round_seconds": plain,
         "he_round_over_plaintext_round": with_scheme / plain,
-    }
-
-
-def _cohort_masks(names: list[str]) -> dict[str, PairwiseMasks]:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    own = {n: X25519PrivateKey.generate() for n in names}
-    public = {n: k.public_key().public_bytes_raw() for n, k in own.items()}
-    context = mask_context(federation="bench", job="bench", round=1, attempt=0, cohort=names)
-    return {
-        n: PairwiseMasks(
-            own=own[n], own_name=n, peers={p: public[p] for p in names if p != n}, context=context
-        )
-        for n in names
     }
 
 
@@ -232,7 +218,10 @@ def scheme_figures(
     site = secure_agg.backend(sa, secret, bound=bound)
     coordinator = secure_agg.backend(sa, secure_agg.public_of(sa, secret), bound=bound)
     names = ["site-a", "site-b", "site-c"]
-    masks = _cohort_masks(names)
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    context = mask_context(federation="bench", job="bench", round=1, attempt=0, cohort=names)
+    masks = simulated_cohort({n: X25519PrivateKey.generate() for n in names}, context)
     rng = np.random.default_rng(0)
     updates = [rng.normal(0, 0.01, million).astype(np.float32) for _ in names]
     start = time.perf_counter()

@@ -33,6 +33,7 @@ from tasks.he_container import (
     load_context,
     make_public,
     pack,
+    pack_aggregate,
     unpack,
 )
 
@@ -141,16 +142,7 @@ def add(public_context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
                 raise IntegrityError(f"{what} cannot be added to the others: {exc}") from exc
         assert acc is not None
         out.append(acc.serialize())
-    return pack(
-        MAGIC,
-        Container(
-            payload=Payload.AGGREGATE,
-            slot_count=slots,
-            length=first.length,
-            context_id=cid,
-            chunks=tuple(out),
-        ),
-    )
+    return pack_aggregate(MAGIC, first, out)
 
 
 def decrypt(secret_context: bytes, ciphertext: bytes) -> np.ndarray:

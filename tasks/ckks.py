@@ -51,6 +51,7 @@ from tasks.he_container import (  # noqa: F401  (the container's layout, for tes
     load_context,
     make_public,
     pack,
+    pack_aggregate,
     unpack,
 )
 
@@ -186,16 +187,7 @@ def weighted_sum(
                 raise IntegrityError(f"{what} cannot be combined with the others: {exc}") from exc
         assert acc is not None  # at least one ciphertext, checked above
         out.append(acc.serialize())
-    return pack(
-        MAGIC,
-        Container(
-            payload=Payload.AGGREGATE,
-            slot_count=slots,
-            length=first.length,
-            context_id=cid,
-            chunks=tuple(out),
-        ),
-    )
+    return pack_aggregate(MAGIC, first, out)
 
 
 def decrypt_update(secret_context: bytes, ciphertext: bytes) -> np.ndarray:

@@ -163,3 +163,17 @@ def unpack(
         context_id=cid,
         chunks=tuple(chunks),
     )
+
+
+def pack_aggregate(magic: bytes, first: Container, chunks: Sequence[bytes]) -> bytes:
+    """The coordinator's sum, shaped like the summands it came from."""
+    return pack(
+        magic,
+        Container(
+            payload=Payload.AGGREGATE,
+            slot_count=first.slot_count,
+            length=first.length,
+            context_id=first.context_id,
+            chunks=tuple(chunks),
+        ),
+    )

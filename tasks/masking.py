@@ -168,3 +168,17 @@ class PairwiseMasks:
             length=length,
             modulus=modulus,
         )
+
+
+def simulated_cohort(
+    keys: Mapping[str, X25519PrivateKey], context: bytes
+) -> dict[str, PairwiseMasks]:
+    """Every member's masking when one process holds all their keys: benchmarks and tests
+    only (a real site holds its own key and its partners' public keys)."""
+    public = {n: k.public_key().public_bytes_raw() for n, k in keys.items()}
+    return {
+        n: PairwiseMasks(
+            own=k, own_name=n, peers={p: public[p] for p in keys if p != n}, context=context
+        )
+        for n, k in keys.items()
+    }

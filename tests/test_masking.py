@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from tasks import IntegrityError, StepError, bfv
-from tasks.masking import PairwiseMasks, Quantizer, mask_context, mask_total, pair_key
+from tasks.masking import Quantizer, mask_context, mask_total, pair_key, simulated_cohort
 
 T = bfv.DEFAULT_PLAIN_MODULUS
 NAMES = ["clinic-a", "clinic-b", "clinic-c", "clinic-d"]
@@ -19,14 +19,8 @@ NAMES = ["clinic-a", "clinic-b", "clinic-c", "clinic-d"]
 
 def cohort_masks(names, *, attempt=0, keys=None):
     keys = keys or {n: X25519PrivateKey.generate() for n in names}
-    public = {n: keys[n].public_key().public_bytes_raw() for n in names}
     context = mask_context(federation="f", job="j", round=1, attempt=attempt, cohort=names)
-    return keys, {
-        n: PairwiseMasks(
-            own=keys[n], own_name=n, peers={p: public[p] for p in names if p != n}, context=context
-        )
-        for n in names
-    }
+    return keys, simulated_cohort({n: keys[n] for n in names}, context)
 
 
 def test_masks_cancel_over_the_whole_cohort_and_no_smaller_set():

@@ -43,25 +43,6 @@ def test_fedavg_matches_numpy_weighted_average():
         FedAvg().apply(base, mean[:5])
 
 
-def _cohort_masks(names):
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    from tasks.masking import PairwiseMasks, mask_context
-
-    own = {n: X25519PrivateKey.generate() for n in names}
-    public = {n: k.public_key().public_bytes_raw() for n, k in own.items()}
-    context = mask_context(federation="f", job="j", round=1, attempt=0, cohort=names)
-    return {
-        n: PairwiseMasks(
-            own=own[n],
-            own_name=n,
-            peers={p: public[p] for p in names if p != n},
-            context=context,
-        )
-        for n in names
-    }
-
-
 @pytest.mark.parametrize("scheme", ["ckks", "masked-bfv"])
 def test_each_backend_hides_updates_from_the_coordinator_side(scheme):
     """Both schemes behind one interface: sites encrypt for the cohort, the coordinator sums
@@ -71,7 +52,12 @@ def test_each_backend_hides_updates_from_the_coordinator_side(scheme):
     secret = secure_agg.create_secret(sa)
     site = secure_agg.backend(sa, secret, bound=1.0)
     coordinator = secure_agg.backend(sa, secure_agg.public_of(sa, secret), bound=1.0)
-    masks = _cohort_masks(["a", "b"])
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from tasks.masking import mask_context, simulated_cohort
+
+    context = mask_context(federation="f", job="j", round=1, attempt=0, cohort=["a", "b"])
+    masks = simulated_cohort({n: X25519PrivateKey.generate() for n in "ab"}, context)
     a, b = np.full(100, 0.5, np.float32), np.full(100, -0.25, np.float32)
     blobs = [
         coordinator.encrypt(a, weight=0.5, masks=masks["a"]),
