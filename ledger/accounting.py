@@ -151,6 +151,8 @@ class Charge:
     dp: bool
     state: State
     delta: float | None = None  # the delta recorded with it (the check uses the pinned one)
+    seq: int | None = None  # the entry that made it, and when (for the spend over time)
+    recorded: str | None = None
 
     @property
     def counts(self) -> bool:
@@ -195,19 +197,23 @@ class SiteAccount:
         return sum(1 for c in self.charges if not c.dp)
 
     def spent(self, *, delta: float, accountant: str, extra: Sequence[Charge] = ()) -> float:
-        """Epsilon at `delta` over every counted charge (plus `extra`), the larger of the two
-        populations (parallel composition); infinite after a counted non-DP release."""
-        charges = [*self.charges, *extra]
-        if any(c.counts and not c.dp for c in charges):
-            return math.inf
-        return max(
-            epsilon(
-                [r for c in charges if c.counts and c.population == p for r in c.releases],
-                delta=delta,
-                accountant=accountant,
-            )
-            for p in Population
+        """Epsilon at `delta` over every counted charge (plus `extra`)."""
+        return spent([*self.charges, *extra], delta=delta, accountant=accountant)
+
+
+def spent(charges: Sequence[Charge], *, delta: float, accountant: str) -> float:
+    """Epsilon at `delta` over the counted ones of `charges`, the larger of the two
+    populations (parallel composition); infinite after a counted non-DP release."""
+    if any(c.counts and not c.dp for c in charges):
+        return math.inf
+    return max(
+        epsilon(
+            [r for c in charges if c.counts and c.population == p for r in c.releases],
+            delta=delta,
+            accountant=accountant,
         )
+        for p in Population
+    )
 
 
 def _when(text: Any) -> datetime | None:
@@ -280,6 +286,8 @@ def accounts(
                 dp=bool(p.get("dp", True)),
                 state=state,
                 delta=p.get("delta"),
+                seq=b.get("seq"),
+                recorded=b.get("recorded"),
             )
         )
     for b in legacy:
@@ -297,8 +305,12 @@ def accounts(
                 dp=bool(release),
                 state=State.RELEASED,
                 delta=p.get("delta"),
+                seq=b.get("seq"),
+                recorded=b.get("recorded"),
             )
         )
+    for acc in out.values():
+        acc.charges.sort(key=lambda c: -1 if c.seq is None else c.seq)
     return out
 
 

@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ledger import LedgerError, accounting
@@ -23,6 +24,34 @@ PURPOSES = {
     "PATRQT": "patient requested",
     "HCOMPL": "health compliance",
 }
+
+
+def screened(url: str, identities: Path | None = None) -> Ledger:
+    """The ledger for a query: entries screened against the pinned identities (the
+    federation file), else against the ledger's own enrollment entries (weaker, but it
+    already ignores an actor who only registered a key of its own)."""
+    from ledger.store import open_ledger
+
+    return screen(open_ledger(url), identities)
+
+
+def screen(log: Ledger, identities: Path | None = None) -> Ledger:
+    """`screened` over an open ledger (a view of it: the ledger itself is not changed)."""
+    from ledger.identities import COORDINATOR, enrolled_in, load_roster
+
+    if identities is not None:
+        return log.view(load_roster(identities))
+    log = log.view()
+    own = log.events(actor=COORDINATOR, action="register_key") + log.events(
+        actor=COORDINATOR, action="enroll"
+    )
+    stored = log.log_identity()
+    roster = enrolled_in(
+        sorted(own, key=lambda b: b["seq"]), log_vkey=stored[1] if stored else None
+    )
+    if roster.members:
+        log.roster = roster
+    return log
 
 
 def _bodies(ledger: Ledger) -> Iterator[dict[str, Any]]:
@@ -201,6 +230,60 @@ def spend_summary(ledger: Ledger, *, site: str | None = None) -> list[dict[str, 
     return out
 
 
+def spend_timeline(ledger: Ledger, *, site: str | None = None) -> list[dict[str, Any]]:
+    """Per site, in ledger order, each charge and each refusal with the site's cumulative
+    epsilon after it (recomputed over the counted charges so far, as the budget check does)
+    beside its budget: the spend over time. A site's last figure is its `epsilon_spent`."""
+    bodies = list(_bodies(ledger))
+    refusals: dict[str, list[dict[str, Any]]] = {}
+    for b in bodies:
+        if b.get("action") == Action.REFUSE and b.get("site") and b.get("actor") == b["site"]:
+            refusals.setdefault(b["site"], []).append(b)
+    out = []
+    for name, acc in sorted(accounting.accounts(bodies).items()):
+        if site and name != site:
+            continue
+        policy = acc.effective_policy()
+        steps: list[tuple[int, accounting.Charge | dict[str, Any]]] = [
+            (-1 if c.seq is None else c.seq, c) for c in acc.charges
+        ] + [(b["seq"], b) for b in refusals.get(name, [])]
+        so_far: list[accounting.Charge] = []
+        cumulative: float | None = None if policy is None else 0.0
+        for seq, step in sorted(steps, key=lambda s: s[0]):
+            row: dict[str, Any] = {"site": name, "seq": None if seq < 0 else seq}
+            if isinstance(step, accounting.Charge):
+                so_far.append(step)
+                if policy is not None and step.counts:
+                    cumulative = accounting.spent(
+                        so_far, delta=policy.delta, accountant=policy.accountant
+                    )
+                row |= {
+                    "recorded": step.recorded,
+                    "event": "charge",
+                    "job": step.job,
+                    "round": step.round,
+                    "population": str(step.population),
+                    "state": str(step.state),
+                    "dp": step.dp,
+                    "reason": None,
+                }
+            else:
+                row |= {
+                    "recorded": step.get("recorded"),
+                    "event": "refusal",
+                    "job": step.get("job"),
+                    "round": step.get("round"),
+                    "population": None,
+                    "state": None,
+                    "dp": None,
+                    "reason": (step.get("details") or {}).get("reason"),
+                }
+            row["epsilon_cumulative"] = _figure(cumulative)
+            row["epsilon_budget"] = policy.epsilon_budget if policy else None
+            out.append(row)
+    return out
+
+
 def data_use(ledger: Ledger, *, site: str | None = None) -> list[dict[str, Any]]:
     """Per site and dataset fingerprint: pseudonymous patients, images, jobs, rounds, purposes."""
     uses: dict[tuple[str, str], dict[str, Any]] = {}
@@ -340,6 +423,197 @@ def lineage(ledger: Ledger, model: str) -> list[dict[str, Any]]:
                 base = base or b.get("inputs", {}).get("global_model")
         target = base
     return out
+
+
+def latest_model(ledger: Ledger) -> str | None:
+    """The global model of the last committed round, None before any."""
+    latest = None
+    for b in _bodies(ledger):
+        if b.get("action") == Action.COMMIT_ROUND:
+            latest = b.get("outputs", {}).get("global_model") or latest
+    return latest
+
+
+def quality(ledger: Ledger, *, job: str | None = None) -> list[dict[str, Any]]:
+    """Model quality per round: each site's held-out metrics as it released them (noisy,
+    exact, or withheld), and the committed round's weighted figures."""
+    out = []
+    for b in _bodies(ledger):
+        if job and b.get("job") != job or b.get("round") is None:
+            continue
+        d = b.get("details", {})
+        if b.get("action") == Action.EVALUATE and b.get("site") and b.get("actor") == b["site"]:
+            out.append(
+                {
+                    "job": b["job"],
+                    "round": b["round"],
+                    "kind": "site",
+                    "site": b["site"],
+                    "auc": d.get("auc"),
+                    "accuracy": d.get("accuracy"),
+                    "heldout": d.get("heldout"),
+                    "metrics": d.get("metrics", "exact"),
+                    "global_model": b.get("outputs", {}).get("global_model"),
+                    "seq": b["seq"],
+                }
+            )
+        elif b.get("action") == Action.COMMIT_ROUND:
+            out.append(
+                {
+                    "job": b["job"],
+                    "round": b["round"],
+                    "kind": "weighted",
+                    "site": None,
+                    "auc": d.get("weighted_auc"),
+                    "accuracy": d.get("weighted_accuracy"),
+                    "heldout": None,
+                    "metrics": "weighted over " + ", ".join(d.get("evaluated", [])),
+                    "global_model": b.get("outputs", {}).get("global_model"),
+                    "seq": b["seq"],
+                }
+            )
+    return out
+
+
+# What a site did in a round, most telling first: the one word a participation grid shows.
+_STATUS_ORDER = ("dropped", "refused", "declined", "aggregated", "trained", "named")
+
+
+def participation(ledger: Ledger, *, job: str | None = None) -> list[dict[str, Any]]:
+    """Per round and site: named in a cohort, trained, uploaded, covered by the aggregate,
+    evaluated; or dropped by the coordinator, refused (budget or policy) or declined the
+    instruction, with the reason its entry gives."""
+    rounds: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+
+    def cell(b: dict[str, Any], name: str) -> dict[str, Any]:
+        return rounds.setdefault((b["job"], b["round"]), {}).setdefault(
+            name,
+            {"flags": set(), "reasons": [], "uploads": 0},
+        )
+
+    for b in _bodies(ledger):
+        if job and b.get("job") != job or b.get("round") is None or not b.get("job"):
+            continue
+        action, d = b.get("action"), b.get("details", {})
+        own = b.get("site") and b.get("actor") == b.get("site")
+        if action == Action.COHORT:
+            for name in d.get("cohort", {}):
+                cell(b, name)["flags"].add("named")
+        elif action == Action.SECURE_AGGREGATE:
+            for c in rounds.get((b["job"], b["round"]), {}).values():
+                c["flags"].discard("aggregated")
+            for name in d.get("sites", []):
+                cell(b, name)["flags"].add("aggregated")
+        elif action == Action.DROP and b.get("site"):
+            c = cell(b, b["site"])
+            c["flags"].add("dropped")
+            c["reasons"].append(f"dropped in {d.get('phase')}: {d.get('reason')}")
+        elif own and action == Action.TRAIN and b.get("outcome") == "success":
+            cell(b, b["site"])["flags"].add("trained")
+        elif own and action == Action.UPLOAD:
+            cell(b, b["site"])["uploads"] += 1
+        elif own and action == Action.EVALUATE:
+            cell(b, b["site"])["flags"].add("evaluated")
+        elif own and action == Action.REFUSE:
+            c = cell(b, b["site"])
+            c["flags"].add("refused")
+            c["reasons"].append(f"refused: {d.get('reason')}")
+        elif own and action == Action.REFUSE_INSTRUCTION:
+            c = cell(b, b["site"])
+            c["flags"].add("declined")
+            c["reasons"].append(f"declined the {d.get('phase')} instruction: {d.get('reason')}")
+    out = []
+    for (job_, round_), sites in rounds.items():
+        for name, c in sorted(sites.items()):
+            flags = c["flags"]
+            out.append(
+                {
+                    "job": job_,
+                    "round": round_,
+                    "site": name,
+                    "status": next((s for s in _STATUS_ORDER if s in flags), "named"),
+                    "trained": "trained" in flags,
+                    "uploads": c["uploads"],
+                    "aggregated": "aggregated" in flags,
+                    "evaluated": "evaluated" in flags,
+                    "reason": "; ".join(c["reasons"]) or None,
+                }
+            )
+    return out
+
+
+def checkpoints(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every signed checkpoint: size, root, origin, the log key that signed it, and the
+    sites that cosigned it (as stored; `ledger verify` checks the signatures)."""
+    from ledger import note
+
+    cosigned: dict[int, list[str]] = {}
+    for size, witness, _line in ledger.cosignatures():
+        cosigned.setdefault(size, []).append(witness)
+    out = []
+    for size, root, text, _proof in ledger.checkpoints():
+        try:  # stored text, not yet verified: shown as the ledger holds it
+            body, lines = note.split_note(text)
+            origin = note.parse_checkpoint(body).origin
+            signers = [note.parse_signature_line(line)[0] for line in lines]
+        except LedgerError:
+            origin, signers = None, []
+        out.append(
+            {
+                "size": size,
+                "root": root,
+                "origin": origin,
+                "signed_by": signers[0] if signers else None,
+                "cosigned_by": sorted(cosigned.get(size, [])),
+            }
+        )
+    return out
+
+
+def verification(report: Any, *, vkey_pinned: bool) -> dict[str, Any]:
+    """What `ledger verify --json` prints for a verified ledger (a `verify.Report`)."""
+    return {
+        "ok": True,
+        "entries": report.entries,
+        "head": report.head,
+        "root": report.root,
+        "actors": list(report.actors),
+        "checkpoints": report.checkpoints,
+        "checkpoint_size": report.checkpoint_size,
+        "vkey": report.vkey,
+        "vkey_pinned": vkey_pinned,
+        "identities_pinned": report.identities_pinned,
+        "cosignatures": report.cosignatures,
+        "witnesses": list(report.witnesses),
+        "personal_fields": report.personal_fields,
+        "erased_fields": report.erased_fields,
+    }
+
+
+def integrity(
+    url: str,
+    *,
+    roster: Any = None,
+    vkey: str | None = None,
+    pinned_checkpoints: tuple[str, ...] = (),
+    witnesses: int = 0,
+) -> dict[str, Any]:
+    """`verification` of the ledger at `url`, or {"ok": False, "error": ...} naming the first
+    bad entry or checkpoint (unreadable input still raises LedgerError)."""
+    from ledger import VerificationError
+    from ledger.verify import verify_ledger
+
+    try:
+        report = verify_ledger(
+            url,
+            vkey=vkey,
+            roster=roster,
+            pinned_checkpoints=pinned_checkpoints,
+            witnesses=witnesses,
+        )
+    except VerificationError as exc:
+        return {"ok": False, "error": str(exc)}
+    return verification(report, vkey_pinned=vkey is not None or bool(roster and roster.log_vkey))
 
 
 def _aggregate_detail(d: Mapping[str, Any]) -> str:

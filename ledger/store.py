@@ -134,9 +134,9 @@ def _ledger_tables(engine: Engine, url: str) -> set[str]:
     try:
         names = set(inspect(engine).get_table_names())
     except (SQLAlchemyError, sqlite3.Error) as exc:
-        raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
+        raise UnreadableError(f"cannot open ledger {shown_url(url)}: {one_line(exc)}") from exc
     if not _REQUIRED <= names:
-        raise UnreadableError(f"{_shown(url)} holds no medfed ledger (its tables are missing)")
+        raise UnreadableError(f"{shown_url(url)} holds no medfed ledger (its tables are missing)")
     return names
 
 
@@ -146,7 +146,7 @@ def _readonly_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         path = sqlite_path(url)
         if path is None:
-            raise UnreadableError(f"ledger URL {_shown(url)} names no database file")
+            raise UnreadableError(f"ledger URL {shown_url(url)} names no database file")
         if not path.is_file():
             raise UnreadableError(f"ledger file {path} does not exist")
         uri = f"file:{quote(str(path.resolve()))}?mode=ro"
@@ -167,7 +167,7 @@ def _readonly_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """A URL fit for a message: without its password."""
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -192,7 +192,7 @@ def engine_for(url: str) -> Engine:
             SQLModel.metadata.create_all(conn, tables=_TABLES)
             _upgrade(conn)
     except (SQLAlchemyError, ArgumentError) as exc:
-        raise UnreadableError(f"cannot open ledger {_shown(url)}: {one_line(exc)}") from exc
+        raise UnreadableError(f"cannot open ledger {shown_url(url)}: {one_line(exc)}") from exc
     _made.add(engine)
     return engine
 
@@ -221,8 +221,8 @@ def _new_engine(url: str, **kwargs: Any) -> Engine:
         try:
             return create_engine(url, pool_pre_ping=True, **kwargs)
         except (ArgumentError, ValueError) as exc:
-            raise UnreadableError(f"ledger URL {_shown(url)} is not a valid URL") from exc
-    raise UnreadableError(f"ledger URL {_shown(url)} is neither sqlite:/// nor postgresql://")
+            raise UnreadableError(f"ledger URL {shown_url(url)} is not a valid URL") from exc
+    raise UnreadableError(f"ledger URL {shown_url(url)} is neither sqlite:/// nor postgresql://")
 
 
 def forked_reader(url: str) -> Ledger:
@@ -308,6 +308,11 @@ class Ledger:
         self.roster = roster
         self.ignored: Counter[str] = Counter()  # actor -> entries skipped by the roster
         self._tables = tables
+
+    def view(self, roster: Roster | None = None) -> Ledger:
+        """Another reader over this one's engine (and connection pool), with its own roster
+        and its own count of ignored entries: what a long-running server hands each request."""
+        return Ledger(self.url, engine=self.engine, roster=roster, tables=self._tables)
 
     # ------------------------------------------------------------------ writing
 

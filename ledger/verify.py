@@ -157,18 +157,21 @@ def verify_ledger(
     CheckpointError / VerificationError."""
     pins = _pins(vkey, roster, pinned_checkpoints, witnesses)
     ledger = open_ledger(url)
-    # The checkpoints are read now, the entries after: no checkpoint covers an unread entry.
-    source = source_of(ledger, signatures=signatures)
-    report = _verify_in_ranges(
-        ledger,
-        source,
-        workers=(os.cpu_count() or 1) if workers is None else workers,
-        pins=pins,
-        signatures=signatures,
-    )
-    if report is not None:
-        return report
-    return _verify_source(source, pins=pins, signatures=signatures, workers=workers)
+    try:
+        # The checkpoints are read now, the entries after: no checkpoint covers an unread entry.
+        source = source_of(ledger, signatures=signatures)
+        report = _verify_in_ranges(
+            ledger,
+            source,
+            workers=(os.cpu_count() or 1) if workers is None else workers,
+            pins=pins,
+            signatures=signatures,
+        )
+        if report is not None:
+            return report
+        return _verify_source(source, pins=pins, signatures=signatures, workers=workers)
+    finally:
+        ledger.engine.dispose()  # its own read-only engine: a server verifies again and again
 
 
 def source_of(ledger: Ledger, *, signatures: bool = True) -> Source:

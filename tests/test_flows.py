@@ -15,6 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.demo import DEMO_SEED, assemble_federation, prepare_demo
 from flows.training import federated_training as _federated_training
+from ledger import queries
 from ledger.store import Ledger
 from ledger.verify import EntryError, verify_ledger
 from tasks.config import load_config
@@ -204,6 +205,20 @@ def test_budget_is_enforced_across_rounds_and_jobs(tmp_path, cohorts):
     assert not ledger.events(job="job-b1", round=2, action="train")
     spent = {e["site"]: e["privacy"]["epsilon_cumulative"] for e in ledger.events(action="train")}
     assert all(0 < eps <= float(budget) for eps in spent.values())
+    # The compliance view: round 2 refused by every site (the reason is the budget), and
+    # each site's spend over time is flat across its refusal, ending at what it spent.
+    statuses = {(r["round"], r["site"]): r for r in queries.participation(ledger, job="job-b1")}
+    assert {k: r["status"] for k, r in statuses.items()} == {
+        (n, s): "aggregated" if n == 1 else "refused" for n in (1, 2) for s in releases
+    }
+    assert all("budget" in statuses[(2, s)]["reason"] for s in releases)
+    summary = {r["site"]: r["epsilon_spent"] for r in queries.spend_summary(ledger)}
+    for site in releases:
+        steps = [
+            (r["event"], r["epsilon_cumulative"]) for r in queries.spend_timeline(ledger, site=site)
+        ]
+        assert [e for e, _ in steps] == ["charge", "refusal"]
+        assert steps[0][1] == steps[1][1] == pytest.approx(summary[site])
 
     # A second job on the same ledger starts from what was spent: refused at once.
     summaries = federated_training(str(config), "job-b2")

@@ -16,6 +16,7 @@ from scipy import stats
 from flows.dispatch import InProcessDispatcher
 from flows.round import run_round
 from flows.training import prepare_sites, start_job
+from ledger import queries
 from ledger.store import Ledger
 from ledger.verify import verify_ledger
 from tasks import IntegrityError, bfv, ckks, secure_agg
@@ -189,6 +190,14 @@ def test_a_site_killed_after_the_others_masked_is_masked_out_afresh(tmp_path, mo
     assert (drop["site"], drop["details"]["phase"]) == (HONEST, "train")  # masked, then lost
     (commit,) = ledger.events(action="commit_round")
     assert commit["details"]["participants"] == [COLLUDER, TARGET]
+    # The compliance officer's participation grid says the same, with the reason.
+    rows = {r["site"]: r for r in queries.participation(ledger)}
+    assert {s: (r["status"], r["trained"], r["uploads"]) for s, r in rows.items()} == {
+        COLLUDER: ("aggregated", True, 2),
+        TARGET: ("aggregated", True, 2),
+        HONEST: ("dropped", True, 0),
+    }
+    assert rows[HONEST]["reason"].startswith("dropped in train:") and not rows[HONEST]["aggregated"]
     # Trained once, charged once: both uploads of a site name the same budget hold.
     for s in (COLLUDER, TARGET):
         assert len(ledger.events(action="train", actor=s)) == 1

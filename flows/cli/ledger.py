@@ -195,22 +195,9 @@ def ledger_verify(
         report = verify_bundle(bundle, **pins)
     else:
         report = verify_ledger(ledger, **pins)
-    doc = {
-        "ok": True,
-        "entries": report.entries,
-        "head": report.head,
-        "root": report.root,
-        "actors": list(report.actors),
-        "checkpoints": report.checkpoints,
-        "checkpoint_size": report.checkpoint_size,
-        "vkey": report.vkey,
-        "vkey_pinned": key is not None or bool(roster and roster.log_vkey),
-        "identities_pinned": report.identities_pinned,
-        "cosignatures": report.cosignatures,
-        "witnesses": list(report.witnesses),
-        "personal_fields": report.personal_fields,
-        "erased_fields": report.erased_fields,
-    }
+    from ledger.queries import verification
+
+    doc = verification(report, vkey_pinned=key is not None or bool(roster and roster.log_vkey))
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
@@ -477,25 +464,9 @@ def ledger_erase(
 
 
 def _screened(url: str, identities: Path | None) -> Any:
-    """The ledger for a query: entries screened against the pinned identities, else against
-    the ledger's own enrollment entries (weaker, but it already ignores an actor who only
-    registered a key of its own)."""
-    from ledger.identities import COORDINATOR, enrolled_in, load_roster
-    from ledger.store import open_ledger
+    from ledger.queries import screened
 
-    if identities is not None:
-        return open_ledger(url, roster=load_roster(identities))
-    log = open_ledger(url)
-    own = log.events(actor=COORDINATOR, action="register_key") + log.events(
-        actor=COORDINATOR, action="enroll"
-    )
-    stored = log.log_identity()
-    roster = enrolled_in(
-        sorted(own, key=lambda b: b["seq"]), log_vkey=stored[1] if stored else None
-    )
-    if roster.members:
-        log.roster = roster
-    return log
+    return screened(url, identities)
 
 
 def _note_ignored(log: Any) -> None:
@@ -552,17 +523,27 @@ def ledger_spend(
     site: Annotated[str | None, typer.Option()] = None,
     job: Annotated[str | None, typer.Option()] = None,
     history: Annotated[bool, typer.Option("--history", help="Every release, not totals.")] = False,
+    timeline: Annotated[
+        bool,
+        typer.Option(
+            "--timeline", help="Each charge and refusal with the cumulative epsilon after it."
+        ),
+    ] = False,
     identities: IdentitiesFile = None,
     as_json: AsJson = False,
     as_csv: AsCsv = False,
 ) -> None:
     """Privacy budget per site: epsilon recomputed over every release and live reservation at
     the site's pinned delta, budget, remaining, opt-outs, metrics policy (--history: each
-    charge)."""
+    charge; --timeline: the spend over time)."""
     from ledger import queries
 
     log = _screened(ledger, identities)
-    if history or job:
+    if timeline and (history or job):
+        raise Failure("--timeline covers every job; give it without --history and --job", 2)
+    if timeline:
+        rows = queries.spend_timeline(log, site=site)
+    elif history or job:
         rows = queries.spend(log, site=site, job=job)
     else:
         rows = queries.spend_summary(log, site=site)
@@ -639,3 +620,55 @@ def ledger_disclosures(
         title="accounting of disclosures",
     )
     _note_ignored(log)
+
+
+@ledger_app.command("quality")
+@_ledger_errors
+def ledger_quality(
+    ledger: LedgerUrl,
+    job: Annotated[str | None, typer.Option()] = None,
+    identities: IdentitiesFile = None,
+    as_json: AsJson = False,
+    as_csv: AsCsv = False,
+) -> None:
+    """Model quality per round: each site's held-out metrics as released, and the weighted."""
+    from ledger import queries
+
+    log = _screened(ledger, identities)
+    _emit(queries.quality(log, job=job), as_json=as_json, as_csv=as_csv, title="model quality")
+    _note_ignored(log)
+
+
+@ledger_app.command("participation")
+@_ledger_errors
+def ledger_participation(
+    ledger: LedgerUrl,
+    job: Annotated[str | None, typer.Option()] = None,
+    identities: IdentitiesFile = None,
+    as_json: AsJson = False,
+    as_csv: AsCsv = False,
+) -> None:
+    """Which sites trained, were aggregated, dropped, refused or declined, in each round."""
+    from ledger import queries
+
+    log = _screened(ledger, identities)
+    _emit(
+        queries.participation(log, job=job), as_json=as_json, as_csv=as_csv, title="participation"
+    )
+    _note_ignored(log)
+
+
+@ledger_app.command("checkpoints")
+@_ledger_errors
+def ledger_checkpoints(ledger: LedgerUrl, as_json: AsJson = False, as_csv: AsCsv = False) -> None:
+    """Every stored checkpoint: size, root, origin, signer and cosigning sites (as stored;
+    `ledger verify` checks them)."""
+    from ledger import queries
+    from ledger.store import open_ledger
+
+    _emit(
+        queries.checkpoints(open_ledger(ledger)),
+        as_json=as_json,
+        as_csv=as_csv,
+        title="checkpoints",
+    )
