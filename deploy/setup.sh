@@ -26,5 +26,17 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" install -e ".[test]"
+
+# Headless Chromium for the report's browser tests and `medfed report --pdf` (Debian's
+# package; Playwright drives it, it never downloads a browser). Root installs it; anyone
+# else is told how.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >/dev/null || echo "setup: could not install chromium; browser tests will skip" >&2
+  else
+    echo "setup: no chromium; for the browser tests run: sudo apt-get install chromium" >&2
+  fi
+fi
 .venv/bin/medfed --help >/dev/null
 echo "setup: done. Activate with '. .venv/bin/activate', or call .venv/bin/medfed directly."

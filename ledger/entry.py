@@ -55,6 +55,8 @@ class Action(StrEnum):
     JOB_END = "job_end"
     ERASE = "erase"
     DISCLOSE = "disclose"
+    # The ledger API refused a request outside the caller's role (`medfed ledger serve`).
+    ACCESS_DENIED = "access_denied"
 
 
 class Outcome(StrEnum):

@@ -32,6 +32,7 @@ _ACTION_CODE = {
     "erase": "D",
     "upload": "E",
     "disclose": "E",
+    "access_denied": "R",
 }
 _OUTCOME_CODE = {
     "success": ("0", "Success"),

@@ -11,7 +11,8 @@ Rules, applied to every entry by `verify`, by the flows' reads and by every quer
 - the actor is enrolled, and the entry's key id is that of its enrolled key;
 - its role permits the action: only the coordinator writes job, drop, aggregate, commit and
   enrollment entries; a site writes only its own site's steps (`site` is itself); only the
-  DPO erases;
+  DPO erases; the coordinator or the DPO (whoever runs the ledger API) records denied
+  requests;
 - a `register_key` entry registers the enrolled key and no other.
 
 Pure: no I/O besides `load_roster` reading one file.
@@ -59,6 +60,7 @@ ROLE_ACTIONS: Mapping[Role, frozenset[str]] = {
                 Action.SECURE_AGGREGATE,
                 Action.COMMIT_ROUND,
                 Action.JOB_END,
+                Action.ACCESS_DENIED,
             ),
         )
     ),
@@ -81,7 +83,7 @@ ROLE_ACTIONS: Mapping[Role, frozenset[str]] = {
             ),
         )
     ),
-    Role.DPO: frozenset(map(str, (Action.REGISTER_KEY, Action.ERASE))),
+    Role.DPO: frozenset(map(str, (Action.REGISTER_KEY, Action.ERASE, Action.ACCESS_DENIED))),
 }
 _REGISTER = str(Action.REGISTER_KEY)
 

@@ -58,3 +58,36 @@ def new_url(request, tmp_path):
 def url(new_url):
     """A fresh, empty ledger URL on each back end (see `new_url`)."""
     return new_url()
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+    """A 2-round `medfed demo` run as a user runs it (its own Prefect server, three sites):
+    a real ledger for the report and the ledger API. Tests copy its ledger before writing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = tmp_path_factory.mktemp("demo")
+    medfed = Path(sys.executable).with_name("medfed")
+    done = subprocess.run(
+        [str(medfed), "demo", "--workdir", str(workdir), "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium; CI installs it (deploy/setup.sh), so there it must exist."""
+    import shutil
+
+    found = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed (deploy/setup.sh installs it under CI)")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    return found

@@ -226,6 +226,9 @@ def test_an_unenrolled_actor_fails_verification_and_is_ignored_by_flows_and_quer
         (COORD, dict(action=Action.ERASE), "may not write 'erase'"),
         (COORD, dict(action=Action.TRAIN, site="site-a"), "may not write 'train'"),
         (DPO, dict(action=Action.SECURE_AGGREGATE), "may not write 'secure_aggregate'"),
+        # Only whoever runs the ledger API (coordinator or DPO) records a denied request:
+        # a site cannot blame another role's token.
+        (SITE_A, dict(action=Action.ACCESS_DENIED, site="site-a"), "may not write 'access_d"),
     ],
 )
 def test_an_enrolled_actor_writes_only_within_its_role(url, signer, event, why):

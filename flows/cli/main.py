@@ -19,12 +19,14 @@ from rich import box  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from flows.cli.common import Failure, cli_errors, err, out, quiet_prefect_console
+from flows.cli.compliance import report_command  # noqa: E402
 from flows.cli.ledger import ledger_app  # noqa: E402
 from flows.cli.site import coordinator_commands, site_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(site_app, name="site")
+app.command("report")(report_command)
 coordinator_commands(app)
 
 
@@ -145,6 +147,17 @@ def _finish(summaries: list, config: Path, resume: str) -> None:
             f"global model {last.model_hash[:16]}"
         )
     out.print(f"Verify the record: {_verify_hint(config)}")
+    out.print(f"The DPO's report: {_report_hint(config)}")
+
+
+def _report_hint(config: Path) -> str:
+    from tasks.config import load_config
+
+    fed = load_config(config)
+    return (
+        f"medfed report --ledger {fed.ledger_url} --identities {config} "
+        f"--out {config.parent / 'report'}"
+    )
 
 
 @app.command()
