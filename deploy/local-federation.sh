@@ -107,3 +107,6 @@ echo "workers: ${SITES[*]}"
 "$BIN/medfed" ledger verify --ledger "sqlite:///$W/ledger.db" --identities "$FED" \
   --witnesses "${#SITES[@]}" >/dev/null
 echo "ledger: sqlite:///$W/ledger.db (verified: enrolled identities, cosigned by every site)"
+"$BIN/medfed" report --ledger "sqlite:///$W/ledger.db" --identities "$FED" --out "$W/report" \
+  >/dev/null
+echo "report: $W/report/report.html (the compliance officer's view of the same ledger)"

@@ -38,6 +38,7 @@ from ledger.store import open_ledger
 log = logging.getLogger("medfed.ledger.api")
 COOKIE = "medfed_token"
 JOB = "ledger-api"
+_REPORTS_KEPT = 16  # rendered report pages kept, by (role, ledger size)
 _bearer = HTTPBearer(auto_error=False, description="A token from `medfed ledger token add`.")
 Rows = list[dict[str, Any]]
 _DENIED = {
@@ -278,7 +279,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 report.collect(settings.url, identities=settings.identities, grant=grant)
             )
             with settings._lock:
-                settings._report_cache.clear()
+                if len(settings._report_cache) >= _REPORTS_KEPT:  # drop the oldest
+                    settings._report_cache.pop(next(iter(settings._report_cache)))
                 settings._report_cache[key] = page
         return HTMLResponse(page)
 

@@ -199,3 +199,10 @@ def test_kept_checkpoints_are_checked(demo_workdir, tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     html = (tmp_path / "fork" / "report.html").read_text()
     assert "DOES NOT VERIFY" in html and "size 10" in html
+
+
+def test_pdf_is_printed_by_headless_chromium(demo_workdir, chromium, tmp_path):
+    url = f"sqlite:///{demo_workdir}/ledger.db"
+    medfed("report", "--ledger", url, "--out", str(tmp_path), "--pdf")
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-") and len(pdf) > 20_000 and b"%%EOF" in pdf[-1024:]
