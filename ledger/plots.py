@@ -18,6 +18,8 @@ from matplotlib import rc_context
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
+from ledger.queries import UNBOUNDED
+
 _STYLE = {
     "svg.fonttype": "none",
     "font.family": "DejaVu Sans",
@@ -27,7 +29,6 @@ _STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.3,
 }
-UNBOUNDED = "unbounded"
 
 
 def _svg(fig: Figure, name: str) -> str:

@@ -165,7 +165,7 @@ def test_every_endpoint_with_every_role(served, demo_workdir):
     log = open_ledger(url)
     entries = [json.loads(r[1]) for r in log.raw_rows()]
     recorded = [e for e in entries if e["action"] == "access_denied"]
-    assert len(recorded) == len(denied) == log.size() - before - 0
+    assert len(recorded) == len(denied) == log.size() - before
     assert sorted((e["details"]["role"], e["details"]["endpoint"]) for e in recorded) == sorted(
         (role, re.sub(r"\?.*", "", path).replace(f"/api/lineage/{model[:16]}",
                                                  "/api/lineage/{model}")
