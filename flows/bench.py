@@ -250,7 +250,7 @@ def scheme_figures(
 def secure_agg_figures(fed: FederationConfig) -> dict[str, float]:
     """The federation's scheme (masked BFV by default) and shared-key CKKS, side by side."""
     bound = secure_agg.clamp_bound(fed.dp)
-    n_model = models.flat_params(models.build(str(fed.model.kind), hidden=fed.model.hidden)).size
+    n_model = models.flat_params(models.from_plan(fed.model)).size
     ckks_plan = fed.secure_aggregation.model_copy(update={"scheme": Scheme.CKKS})
     return (
         {

@@ -135,7 +135,7 @@ def demo_site(
             labels=str(data / "manifest.csv"),
             federation="demo",
             coordinator_key=coordinator_key,
-            model_kinds=["cnn"],
+            model_kinds=["cnn", "monai"],
             purposes=["HRESCH"],
             epsilon_budget=budget,
             delta=1e-5,

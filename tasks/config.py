@@ -37,6 +37,7 @@ class SiteKind(StrEnum):
 
 class ModelKind(StrEnum):
     CNN = "cnn"
+    MONAI = "monai"  # a network from monai.networks.nets (tasks.networks)
     MLP = "mlp"
     LOGISTIC = "logistic"
 
@@ -87,16 +88,44 @@ class Identities(_Strict):
         return v
 
 
+JSONValue = str | int | float | bool | list[Any] | dict[str, Any]
+
+
 class ModelConfig(_Strict):
     kind: ModelKind = ModelKind.CNN
     image_size: int = Field(default=32, ge=8, le=512)
     # Hidden units of the head: `mlp` needs at least 1; `cnn` with 0 has a linear head.
     hidden: int = Field(default=32, ge=0, le=4096)
+    # kind "monai": which network (tasks.networks.NETWORKS), its dimensions, and keyword
+    # options passed through to its MONAI constructor (e.g. { widen_factor = 0.5 }).
+    network: Literal["DenseNet121", "ResNet18", "ResNet34", "BasicUNetEncoder"] | None = None
+    spatial_dims: Literal[2, 3] = 2
+    in_channels: int = Field(default=1, ge=1, le=16)
+    out_channels: int = Field(default=1, ge=1, le=1000)
+    options: dict[str, JSONValue] = {}
+    # Start from pretrained weights instead of the seed: the SHA-256 of a torch state dict
+    # every site holds locally (site.toml `pretrained_weights`). Nothing is downloaded.
+    weights_sha256: HexKey | None = None
 
     @model_validator(mode="after")
-    def _mlp_has_hidden_units(self) -> Self:
+    def _kind_settings(self) -> Self:
         if self.kind == ModelKind.MLP and self.hidden < 1:
             raise ValueError("model.hidden must be at least 1 for an mlp")
+        if self.kind != ModelKind.MONAI:
+            if self.network is not None or self.options or self.weights_sha256 is not None:
+                raise ValueError("model.network, options and weights_sha256 are for kind 'monai'")
+            return self
+        if self.network is None:
+            raise ValueError("model.network is required for kind 'monai'")
+        if self.out_channels != 1:
+            raise ValueError("model.out_channels must be 1: medfed trains binary classifiers")
+        if self.in_channels != 1:
+            raise ValueError("model.in_channels must be 1: ingest makes single-channel images")
+        if self.spatial_dims != 2:
+            raise ValueError(
+                "model.spatial_dims must be 2: ingest makes 2-D frames (volumes are not "
+                "assembled yet)"
+            )
         return self
 
 
@@ -286,9 +315,10 @@ class FederationConfig(_Strict):
         if len(kinds) > 1:
             raise ValueError("all sites must be of one kind: they train one model")
         image_sites = SiteKind.DICOM in kinds
-        if image_sites != (self.model.kind == ModelKind.CNN):
+        if image_sites != (self.model.kind in (ModelKind.CNN, ModelKind.MONAI)):
             raise ValueError(
-                "model.kind 'cnn' is for dicom sites; tabular sites use 'mlp' or 'logistic'"
+                "model.kind 'cnn' and 'monai' are for dicom sites; tabular sites use 'mlp' or "
+                "'logistic'"
             )
         keys = [s.public_key for s in self.sites] + [s.kex_key for s in self.sites]
         if len(set(keys)) != len(keys):

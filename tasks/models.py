@@ -12,6 +12,8 @@ parameters: they are identical at every site by construction and never leave it.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import StepError
+
+if TYPE_CHECKING:
+    from tasks.config import ModelConfig
 
 FILTER_SIZE = 9  # odd; covers +-2 sigma of the widest (sigma 2) filter
 PYRAMID_LEVELS = 3  # the image at full, half and quarter resolution
@@ -245,6 +250,57 @@ def initial(kind: str, *, seed: int, features: int | None = None, hidden: int = 
         with torch.no_grad():
             for p in model[-1].parameters():
                 p.zero_()
+    return model
+
+
+def _constructor_value(v: Any) -> Any:
+    """TOML arrays arrive as lists; MONAI's layer factories want tuples, e.g. ("group", {...})."""
+    if isinstance(v, list):
+        return tuple(_constructor_value(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _constructor_value(x) for k, x in v.items()}
+    return v
+
+
+def from_plan(spec: ModelConfig, *, features: int | None = None) -> nn.Module:
+    """The plan's model, weights as constructed (`initial_from_plan` sets them)."""
+    if spec.kind == "monai":
+        from tasks.networks import build_network
+
+        assert spec.network is not None  # the config validator requires it
+        return build_network(
+            spec.network,
+            spatial_dims=spec.spatial_dims,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            options={k: _constructor_value(v) for k, v in spec.options.items()},
+        )
+    return build(str(spec.kind), features=features, hidden=spec.hidden)
+
+
+def initial_from_plan(
+    spec: ModelConfig, *, seed: int, features: int | None = None, weights: Path | None = None
+) -> nn.Module:
+    """The round-0 global model of a plan: from the seed, or for a MONAI network the
+    pretrained weights the plan names by hash (`weights`: this site's copy of them)."""
+    if spec.kind != "monai":
+        return initial(str(spec.kind), seed=seed, features=features, hidden=spec.hidden)
+    from tasks.networks import load_pretrained, seeded_init
+
+    model = from_plan(spec)
+    if spec.weights_sha256 is not None:
+        if weights is None:
+            raise StepError(
+                "the plan starts from pretrained weights, but this site's site.toml names no "
+                "pretrained_weights file"
+            )
+        return load_pretrained(model, weights, sha256=spec.weights_sha256)
+    seeded_init(model, torch.Generator().manual_seed(seed))
+    # As for the scatter net's head: the output layer starts at zero (logit 0 everywhere).
+    output = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        for p in output.parameters():
+            p.zero_()
     return model
 
 

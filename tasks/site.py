@@ -90,7 +90,13 @@ class SiteSettings(_Strict):
     privacy: PrivacyPolicy = PrivacyPolicy()
     accepts: Accepts
     # Torch device this site trains on ("cpu", "cuda", "cuda:1"); default: CUDA when present.
-    device: str | None = None
+    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    # With DP: the most images one forward/backward pass holds. A step's sampled patients are
+    # split into passes of whole patients (one step, one noise draw: the release is the same),
+    # so a large logical batch fits the device's memory. None: one pass per step.
+    physical_batch_images: int | None = Field(default=None, ge=1)
+    # The site's copy of the pretrained weights a plan names by hash ([model] weights_sha256).
+    pretrained_weights: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,13 @@ def load_site(root: Path) -> Site:
             else data.labels,
         }
     )
-    return Site(root=root, settings=settings.model_copy(update={"data": resolved}))
+    weights = settings.pretrained_weights
+    return Site(
+        root=root,
+        settings=settings.model_copy(
+            update={"data": resolved, "pretrained_weights": weights and _under(root, weights)}
+        ),
+    )
 
 
 def _under(root: Path, p: Path) -> Path:

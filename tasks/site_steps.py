@@ -308,8 +308,7 @@ def secret_he(run: SiteRun) -> bytes:
 
 
 def model_for(fed: FederationConfig, features: int) -> Any:
-    m = fed.model
-    return models.build(str(m.kind), features=features, hidden=m.hidden)
+    return models.from_plan(fed.model, features=features)
 
 
 def global_before(run: SiteRun, features: int) -> np.ndarray:
@@ -323,9 +322,13 @@ def global_before(run: SiteRun, features: int) -> np.ndarray:
         params = load_array(path)
         if target_round == 0 or g is None or model_hash(params) == g.model_hash:
             return params
-    m = run.fed.model
     params = models.flat_params(
-        models.initial(str(m.kind), seed=run.fed.seed, features=features, hidden=m.hidden)
+        models.initial_from_plan(
+            run.fed.model,
+            seed=run.fed.seed,
+            features=features,
+            weights=run.site.settings.pretrained_weights,
+        )
     )
     save_array(run.site.global_model(run.job, 0), params)
     if target_round == 0:
@@ -482,6 +485,8 @@ def train(run: SiteRun, data: DatasetRef) -> TrainRef:
             sample_rate=dp.sample_rate,
             max_grad_norm=dp.max_grad_norm,
         ),
+        device=run.site.settings.device,
+        physical_batch_images=run.site.settings.physical_batch_images,
     )
     privacy_record: dict[str, Any] = {"dp": False, "epsilon": "unbounded"}
     if outcome.release is not None:

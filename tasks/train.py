@@ -8,8 +8,9 @@ clipped patient gradients. A patient with fifty images therefore moves a step no
 a patient with one, and the release (noise multiplier, patient sample rate, steps) is
 accounted per patient by Opacus' accountants (`tasks.privacy`).
 
-Per-patient clipping is group-aware ghost clipping for Linear heads (`GhostClipper`), or
-Opacus' per-image gradients summed per patient for any other layer (`OpacusClipper`).
+Per-patient clipping lives in `tasks.clipping`: group-aware ghost clipping for Linear heads,
+layer-wise patient clipping for convolutional networks, Opacus' per-image gradients summed
+per patient for anything else.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from enum import StrEnum
 
 import numpy as np
 import torch
-from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -31,6 +31,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tasks import StepError
+from tasks.clipping import (
+    GhostClipper,
+    LayerClipper,
+    OpacusClipper,
+    ghost_clippable,
+    layer_clippable,
+)
 from tasks.models import flat_params, frozen_prefix, scatter_net
 from tasks.privacy import Release, planned_release
 
@@ -46,11 +53,9 @@ _FEATURE_CHUNK = 512  # images per forward pass through a frozen front-end
 class GradSampleMode(StrEnum):
     """How a patient's clipped gradient is computed.
 
-    `ghost`: group-aware ghost clipping, for heads made of Linear layers and parameter-free
-    per-sample modules (every model medfed builds): each patient's gradient norm comes from
-    the Gram matrices of the layers' inputs and output gradients, so no per-image or
-    per-patient gradient is ever materialised. Opacus' own ghost clipping clips each IMAGE and
-    cannot clip a patient's sum, hence this. Other layers fall back to `hooks`.
+    `ghost`: the fastest group-aware clipper that covers the model: `GhostClipper` for heads
+    of Linear layers, `LayerClipper` for convolutional networks (Gram matrices or one
+    layer's per-patient gradients at a time), else `hooks`.
     `hooks` / `functorch`: Opacus' GradSampleModule computes per-image gradients, which are
     summed per patient and clipped."""
 
@@ -102,8 +107,20 @@ class TrainOutcome:
     seconds: float
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(pinned: str | None = None) -> torch.device:
+    """The site's pinned device (site.toml `device`), else CUDA when present, else the CPU."""
+    if pinned is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(pinned)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StepError(f"the site pins device {pinned}, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StepError(
+                f"the site pins device {pinned}, but only {torch.cuda.device_count()} CUDA "
+                "device(s) are present"
+            )
+    return device
 
 
 def validate_for_dp(model: nn.Module) -> None:
@@ -167,152 +184,6 @@ def split_frozen(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Te
     return rest, feats
 
 
-def ghost_clippable(module: nn.Module) -> bool:
-    """A Sequential whose parameters all sit in trainable Linear layers; every other module
-    is parameter-free (ReLU, Flatten, ...). Opacus' validator has already ruled out modules
-    that mix samples (BatchNorm)."""
-    if not isinstance(module, nn.Sequential):
-        return False
-    has_linear = False
-    for m in module:
-        if isinstance(m, nn.Linear):
-            if not all(p.requires_grad for p in m.parameters()):
-                return False
-            has_linear = True
-        elif any(True for _ in m.parameters()):
-            return False
-    return has_linear
-
-
-def _clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    # Opacus' clipping rule: C / (norm + 1e-6), at most 1.
-    return (max_grad_norm / (sq_norms.clamp_min(0).sqrt() + 1e-6)).clamp(max=1.0)
-
-
-def _sum_loss(logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), yb, reduction="sum")
-
-
-class GhostClipper:
-    """The sum over patients of each patient's clipped gradient, one tensor per parameter.
-
-    For a Linear layer, image i's weight gradient is g_i a_i^T (g: gradient of the loss at
-    the layer's output, a: its input; the bias adds g_i), so patient P's gradient has squared
-    norm sum_{i,j in P} (g_i . g_j)(a_i . a_j + 1), summed over layers: two small Gram
-    matrices per layer instead of one gradient per image. The clipped sum is then one matmul
-    with each image's output gradient scaled by its patient's clip factor."""
-
-    def __init__(self, module: nn.Sequential, max_grad_norm: float) -> None:
-        self.module = module
-        self.max_grad_norm = max_grad_norm
-        self.linears = [m for m in module if isinstance(m, nn.Linear)]
-        # The order of `module.parameters()`: each Linear's weight, then its bias.
-        self.params = [p for m in self.linears for p in m.parameters()]
-        # Linear and ReLU layers ending in one logit: backpropagate by hand, which saves
-        # autograd's bookkeeping (~17% of a clipped step here). Anything else: autograd.
-        self.by_hand = isinstance(module[-1], nn.Linear) and module[-1].out_features == 1
-        self.by_hand &= all(isinstance(m, nn.Linear | nn.ReLU) for m in module)
-
-    def _output_grads(
-        self, xb: torch.Tensor, yb: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Each Linear's inputs and the gradients of the summed loss at its outputs."""
-        if not self.by_hand:
-            inputs, outputs = [], []
-            h = xb
-            for m in self.module:
-                if isinstance(m, nn.Linear):
-                    inputs.append(h)
-                    h = m(h)
-                    outputs.append(h)
-                else:
-                    h = m(h)
-            loss = _sum_loss(h, yb)
-            return inputs, list(torch.autograd.grad(loss, outputs)), loss.detach()
-        with torch.no_grad():
-            seen = []  # every module's input
-            h = xb
-            for m in self.module:
-                seen.append(h)
-                h = m(h)
-            loss = _sum_loss(h, yb)
-            g = torch.sigmoid(h) - yb.unsqueeze(1)  # d(summed BCE) / d(logit)
-            inputs, grads = [], []
-            for m, a in zip(reversed(self.module), reversed(seen), strict=True):
-                if isinstance(m, nn.Linear):
-                    inputs.append(a)
-                    grads.append(g)
-                    if len(grads) == len(self.linears):
-                        break
-                    g = g @ m.weight
-                else:  # ReLU
-                    g = g * (a > 0)
-            return inputs[::-1], grads[::-1], loss
-
-    def __call__(
-        self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int
-    ) -> tuple[list[torch.Tensor], float]:
-        inputs, out_grads, loss = self._output_grads(xb, yb)
-        if any(a.ndim != 2 for a in inputs):
-            raise StepError("ghost clipping needs 2-D inputs to Linear layers")
-        with torch.no_grad():
-            same_patient = owner[:, None] == owner[None, :]
-            pair = sum(
-                (g @ g.T) * (a @ a.T + (0.0 if m.bias is None else 1.0))
-                for m, g, a in zip(self.linears, out_grads, inputs, strict=True)
-            )
-            sq_norms = pair.new_zeros(n_units).index_add_(
-                0, owner, (pair * same_patient).sum(dim=1)
-            )
-            scale = _clip_factors(sq_norms, self.max_grad_norm)[owner].unsqueeze(1)
-            grads = []
-            for m, g, a in zip(self.linears, out_grads, inputs, strict=True):
-                scaled = scale * g
-                grads.append(scaled.T @ a)
-                if m.bias is not None:
-                    grads.append(scaled.sum(dim=0))
-        return grads, float(loss) / len(xb)
-
-    def close(self) -> None:
-        pass
-
-
-class OpacusClipper:
-    """The same contract through Opacus' per-image gradients (hooks or functorch): summed per
-    patient, clipped per patient, summed. For layers ghost clipping does not cover."""
-
-    def __init__(self, module: nn.Module, max_grad_norm: float, *, functorch: bool) -> None:
-        self.gsm = GradSampleModule(
-            module, batch_first=True, loss_reduction="sum", strict=True, force_functorch=functorch
-        )
-        self.max_grad_norm = max_grad_norm
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __call__(
-        self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int
-    ) -> tuple[list[torch.Tensor], float]:
-        loss = _sum_loss(self.gsm(xb), yb)
-        loss.backward()
-        with torch.no_grad():
-            per_patient = []
-            for p in self.params:
-                per_image = p.grad_sample
-                p.grad_sample = None  # Opacus accumulates across backward passes otherwise
-                per_patient.append(
-                    per_image.new_zeros((n_units, *per_image.shape[1:])).index_add_(
-                        0, owner, per_image
-                    )
-                )
-                p.grad = None
-            sq_norms = sum(g.flatten(1).square().sum(dim=1) for g in per_patient)
-            factor = _clip_factors(sq_norms, self.max_grad_norm)
-            grads = [torch.einsum("u,u...->...", factor, g) for g in per_patient]
-        return grads, float(loss.detach()) / len(xb)
-
-    def close(self) -> None:
-        self.gsm.to_standard_module()  # removes the hooks
-
-
 class PatientDPSGD:
     """One patient-level DP-SGD step: the clipped per-patient gradient sum (a clipper above),
     plus N(0, (noise * clip)^2) per coordinate, divided by the expected number of patients
@@ -326,16 +197,20 @@ class PatientDPSGD:
         *,
         expected_batch: float,
         generator: torch.Generator | None,
+        physical_batch_images: int | None = None,
     ) -> None:
         if settings.noise_multiplier is None:
             raise StepError("DP-SGD needs a noise multiplier")
         if not expected_batch > 0:
             raise StepError("DP-SGD needs a positive expected batch size")
+        if physical_batch_images is not None and physical_batch_images < 1:
+            raise StepError("physical_batch_images must be at least 1")
         mode = settings.grad_sample_mode
+        self.clipper: GhostClipper | LayerClipper | OpacusClipper
         if mode == GradSampleMode.GHOST and ghost_clippable(module):
-            self.clipper: GhostClipper | OpacusClipper = GhostClipper(
-                module, settings.max_grad_norm
-            )
+            self.clipper = GhostClipper(module, settings.max_grad_norm)
+        elif mode == GradSampleMode.GHOST and layer_clippable(module):
+            self.clipper = LayerClipper(module, settings.max_grad_norm)
         else:
             self.clipper = OpacusClipper(
                 module, settings.max_grad_norm, functorch=mode == GradSampleMode.FUNCTORCH
@@ -345,13 +220,47 @@ class PatientDPSGD:
         self.noise_std = settings.noise_multiplier * settings.max_grad_norm
         self.step_size = settings.learning_rate / expected_batch
         self.generator = generator
+        self.physical_batch_images = physical_batch_images
+
+    def _clipped_sum(
+        self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int
+    ) -> tuple[list[torch.Tensor], float]:
+        """The clipper's sum, over passes of whole patients of at most
+        `physical_batch_images` images each (a patient with more images gets a pass of its
+        own). Each patient is clipped within one pass, so the sum is the same as one pass's."""
+        cap = self.physical_batch_images
+        if cap is None or len(xb) <= cap:
+            return self.clipper(xb, yb, owner, n_units)
+        counts = torch.bincount(owner, minlength=n_units).tolist()
+        passes: list[list[int]] = [[]]
+        held = 0
+        for unit, count in enumerate(counts):
+            if passes[-1] and held + count > cap:
+                passes.append([])
+                held = 0
+            passes[-1].append(unit)
+            held += count
+        total: list[torch.Tensor] | None = None
+        loss_sum = 0.0
+        for units in passes:
+            members = torch.as_tensor(units, device=owner.device)
+            local = torch.full((n_units,), -1, dtype=torch.long, device=owner.device)
+            local[members] = torch.arange(len(units), device=owner.device)
+            take = torch.isin(owner, members).nonzero().squeeze(1)
+            grads, loss = self.clipper(xb[take], yb[take], local[owner[take]], len(units))
+            loss_sum += loss * len(take)
+            total = (
+                grads if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
+            )
+        assert total is not None
+        return total, loss_sum / len(xb)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, owner: torch.Tensor, n_units: int) -> float:
         """`owner[i]` (0..n_units-1) is the sampled patient whose image `xb[i]` is. An empty
         batch still takes a noisy step, as the accountant assumes. Returns the mean loss per
         image (NaN for an empty batch)."""
         if len(xb):
-            grads, loss = self.clipper(xb, yb, owner, n_units)
+            grads, loss = self._clipped_sum(xb, yb, owner, n_units)
         else:
             grads, loss = [torch.zeros_like(p) for p in self.params], float("nan")
         device = self.params[0].device
@@ -374,17 +283,21 @@ def train_local(
     settings: TrainSettings,
     *,
     groups: np.ndarray,
+    device: str | None = None,
+    physical_batch_images: int | None = None,
 ) -> TrainOutcome:
     """Train `model` in place on (x, y); return its new parameters and the DP release made.
 
     `groups[i]` is the (pseudonymous) patient of row i. With DP, patients are the sampled and
     clipped unit, and the release is `patient_release(settings)`, whatever the cohort.
+    `device` pins the torch device (default: CUDA when present); `physical_batch_images`
+    bounds the images of one forward/backward pass of a DP step (`PatientDPSGD`).
     """
     if len(x) != len(y) or len(x) == 0:
         raise StepError(f"training data has {len(x)} inputs and {len(y)} labels")
     index = patient_index(groups, len(x))
     start = time.perf_counter()
-    device = pick_device()
+    device = pick_device(device)
     dp = settings.noise_multiplier is not None
     # DP noise and Poisson sampling must be unpredictable: drawn from generators seeded by the
     # public federation seed, anyone holding the config could subtract the noise and replay
@@ -403,7 +316,11 @@ def train_local(
         generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         q = release.sample_rate
         dpsgd = PatientDPSGD(
-            trainable, settings, expected_batch=float(settings.batch_size), generator=generator
+            trainable,
+            settings,
+            expected_batch=float(settings.batch_size),
+            generator=generator,
+            physical_batch_images=physical_batch_images,
         )
         for _ in range(release.steps):
             chosen = np.flatnonzero(rng.random(index.n_patients) < q)

@@ -134,3 +134,19 @@ def copy_ledger(source: str, target: str) -> None:
             rows = [dict(r._mapping) for r in src.execute(table.select())]
             if rows:
                 dst.execute(table.insert(), rows)
+
+
+def independent_epsilon(releases: list, delta: float) -> float:
+    """Google's PLD accountant over the same releases: a second opinion on every figure."""
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(
+        dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3
+    )
+    for r in releases:
+        step = dpa.GaussianDpEvent(r.noise_multiplier)
+        if r.sample_rate < 1:
+            step = dpa.PoissonSampledDpEvent(r.sample_rate, step)
+        acc.compose(dpa.SelfComposedDpEvent(step, r.steps))
+    return acc.get_epsilon(delta) if releases else 0.0

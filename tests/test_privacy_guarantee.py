@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedhelp import TABULAR_HEADER, tabular_federation
+from fedhelp import TABULAR_HEADER, independent_epsilon, tabular_federation
 
 from ledger import accounting, queries
 from ledger.accounting import Population, Release, epsilon
@@ -327,22 +327,6 @@ def prefect_api():
         yield
 
 
-def _independent_epsilon(releases: list[Release], delta: float) -> float:
-    """Google's PLD accountant over the same releases: a second opinion on every figure."""
-    import dp_accounting as dpa
-    from dp_accounting.pld import pld_privacy_accountant
-
-    acc = pld_privacy_accountant.PLDAccountant(
-        dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3
-    )
-    for r in releases:
-        step = dpa.GaussianDpEvent(r.noise_multiplier)
-        if r.sample_rate < 1:
-            step = dpa.PoissonSampledDpEvent(r.sample_rate, step)
-        acc.compose(dpa.SelfComposedDpEvent(step, r.steps))
-    return acc.get_epsilon(delta) if releases else 0.0
-
-
 @pytest.mark.prefect
 def test_a_round_that_dies_before_updates_leave_charges_once_and_leaks_no_figures(
     tmp_path, prefect_api, monkeypatch
@@ -419,7 +403,7 @@ def test_a_round_that_dies_before_updates_leave_charges_once_and_leaks_no_figure
     # A second, independent accountant recomputes every counted release.
     for site, acc in accounting.accounts(bodies).items():
         mine = spend[site]["epsilon_spent"]
-        theirs = max(_independent_epsilon(acc.history(p), DELTA) for p in accounting.Population)
+        theirs = max(independent_epsilon(acc.history(p), DELTA) for p in accounting.Population)
         assert theirs * 0.97 <= mine <= theirs * 1.03, (site, mine, theirs)
 
 

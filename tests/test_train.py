@@ -9,15 +9,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from tasks import StepError, models
+from tasks.clipping import GhostClipper, LayerClipper, OpacusClipper, ghost_clippable
 from tasks.privacy import Release, planned_release
 from tasks.train import (
-    GhostClipper,
     GradSampleMode,
-    OpacusClipper,
     PatientDPSGD,
     TrainSettings,
     dp_step_benchmark,
-    ghost_clippable,
     patient_index,
     patient_release,
     split_frozen,
@@ -275,10 +273,15 @@ def test_ghost_clipping_covers_the_demo_head_and_falls_back_elsewhere() -> None:
     head, _ = split_frozen(models.initial("cnn", seed=0, hidden=8), torch.rand(2, 1, 16, 16))
     assert ghost_clippable(head) and ghost_clippable(models.initial("cnn", seed=0))
     assert ghost_clippable(models.mlp(features=3, hidden=4))
-    # Parameters outside Linear layers: Opacus' per-image gradients instead.
+    # Parameters outside Linear layers: layer-wise patient clipping instead; Opacus' hooks when
+    # asked for.
     assert not ghost_clippable(models.small_cnn())
     assert not ghost_clippable(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1)))
     settings = _settings(grad_sample_mode=GradSampleMode.GHOST)
+    dpsgd = PatientDPSGD(models.small_cnn(), settings, expected_batch=2.0, generator=None)
+    assert isinstance(dpsgd.clipper, LayerClipper)
+    dpsgd.close()
+    settings = _settings(grad_sample_mode=GradSampleMode.HOOKS)
     dpsgd = PatientDPSGD(models.small_cnn(), settings, expected_batch=2.0, generator=None)
     assert isinstance(dpsgd.clipper, OpacusClipper)
     dpsgd.close()
