@@ -32,7 +32,7 @@ from tasks import StepError, models, secure_agg
 from tasks.config import FederationConfig, Scheme, SecureAggregationConfig, load_config
 from tasks.coordinator_steps import CoordinatorRun
 from tasks.masking import mask_context, simulated_cohort
-from tasks.train import dp_step_benchmark
+from tasks.step_bench import dp_step_benchmark, monai_step_benchmark
 
 log = logging.getLogger("medfed.bench")
 
@@ -288,6 +288,8 @@ def run_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
             images_per_patient=4,
             hidden=fed.model.hidden,
         )
+        # A MONAI ResNet18 at 64x64 under the layer clipper, and under Opacus' hooks.
+        figures |= monai_step_benchmark(network="ResNet18", image_size=64, repeats=3)
         figures |= secure_agg_figures(fed)
         figures |= ledger_bench(root / "ledger-bench")
         return figures

@@ -57,10 +57,7 @@ artifact_store = "{store}"
 coordinator_root = "coordinator"
 site_timeout_seconds = {timeout}
 
-[model]
-kind = "cnn"
-image_size = 32
-hidden = 64
+{model}
 
 [dp]
 enabled = {dp}
@@ -91,10 +88,24 @@ quantization_bits = 18
 """
 
 
+DEMO_MODEL = """[model]
+kind = "cnn"
+image_size = 32
+hidden = 64"""
+
+
+def model_section(network: str | None) -> str:
+    """The demo's scatter-net head, or a MONAI network from the seed at the same image size."""
+    if network is None:
+        return DEMO_MODEL
+    return f'[model]\nkind = "monai"\nnetwork = "{network}"\nimage_size = 32'
+
+
 def demo_config_text(
     *,
     rounds: int,
     dp: bool,
+    network: str | None = None,
     seed: int = DEMO_SEED,
     epsilon_budget: float = 2.0,
     local_epochs: int = 20,
@@ -104,6 +115,7 @@ def demo_config_text(
 ) -> str:
     """The federation file without its [[sites]]: `medfed register` appends those."""
     return _TEMPLATE.format(
+        model=model_section(network),
         rounds=rounds,
         dp=str(dp).lower(),
         seed=seed,
@@ -180,6 +192,7 @@ def prepare_demo(
     local_epochs: int = 20,
     site_budget: float = 10.0,
     cohorts: Path | None = None,
+    network: str | None = None,
     **header: object,
 ) -> Path:
     """Cohorts (generated when absent), site roots, coordinator keys, `workdir/federation.toml`."""
@@ -200,7 +213,12 @@ def prepare_demo(
     ]
     config = workdir / "federation.toml"
     text = demo_config_text(
-        rounds=rounds, dp=dp, epsilon_budget=epsilon_budget, local_epochs=local_epochs, **header
+        rounds=rounds,
+        dp=dp,
+        network=network,
+        epsilon_budget=epsilon_budget,
+        local_epochs=local_epochs,
+        **header,
     )
     assemble_federation(config, text, sites)
     return config

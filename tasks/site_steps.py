@@ -131,6 +131,14 @@ def _ingest(run: SiteRun, cache: Path) -> tuple[PreparedDataset, dict[str, Any] 
     return ds, summary
 
 
+def prepared_split(run: SiteRun) -> prepared.PreparedDataset:
+    """The site's train/held-out split for this plan: cached, else prepared now (and cached)."""
+    cache = prepared_cache_path(run)
+    if cache.exists():
+        return prepared.load_prepared(cache)
+    return _ingest(run, cache)[0]
+
+
 def preprocess(run: SiteRun) -> DatasetRef:
     """Ingest (or reuse the cached split); recorded once per job (round 0)."""
     start = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -26,9 +25,6 @@ import numpy as np
 import torch
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from tasks import StepError
 from tasks.clipping import (
@@ -38,7 +34,7 @@ from tasks.clipping import (
     ghost_clippable,
     layer_clippable,
 )
-from tasks.models import flat_params, frozen_prefix, scatter_net
+from tasks.models import flat_params, frozen_prefix
 from tasks.privacy import Release, planned_release
 
 # Module-level (not catch_warnings, which is not thread-safe across parallel site tasks).
@@ -362,146 +358,3 @@ def train_local(
         device=str(device),
         seconds=time.perf_counter() - start,
     )
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage alive at once among the tensors created under it.
-
-    Every op's output storage is recorded with a weak reference and dropped when freed, so
-    the peak is the step's own working set (activations, gradients, per-sample gradients,
-    noise), exact to the byte and independent of the allocator. `tracemalloc` cannot see
-    torch's allocations and process RSS is dominated by the ~300 MB torch runtime, so
-    neither would measure a 32x32 step honestly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self._current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        for key, (ref, nbytes) in list(self._live.items()):
-            if ref.expired():
-                del self._live[key]
-                self._current -= nbytes
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if storage.nbytes() and key not in self._live:
-                    self._live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self._current += storage.nbytes()
-        self.peak = max(self.peak, self._current)
-        return out
-
-
-def _step_figures(
-    make: Callable[[], nn.Module],
-    inputs: torch.Tensor,
-    y: torch.Tensor,
-    owner: torch.Tensor,
-    settings: TrainSettings,
-    repeats: int,
-) -> dict[str, float]:
-    """Median seconds and peak tensor bytes of a plain SGD step and a patient-level DP-SGD
-    step of two fresh copies of one model on the same batch; steps alternate after a warm-up
-    so drift hits both alike."""
-    n_units = int(owner.max()) + 1
-    plain_model = make()
-    sgd = torch.optim.SGD(plain_model.parameters(), lr=settings.learning_rate)
-
-    def plain_step() -> None:
-        sgd.zero_grad(set_to_none=True)
-        nn.functional.binary_cross_entropy_with_logits(plain_model(inputs).squeeze(1), y).backward()
-        sgd.step()
-
-    dpsgd = PatientDPSGD(
-        make(),
-        settings,
-        expected_batch=float(n_units),
-        generator=torch.Generator(device=inputs.device),
-    )
-
-    def private_step() -> None:
-        dpsgd.step(inputs, y, owner, n_units)
-
-    times: dict[Callable[[], None], list[float]] = {plain_step: [], private_step: []}
-    for i in range(3 + repeats):
-        for step, seconds in times.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= 3:
-                seconds.append(time.perf_counter() - t0)
-    peaks = []
-    for step in times:
-        with _LiveTensorBytes() as tracker:
-            step()
-        peaks.append(tracker.peak)
-    dpsgd.close()
-    plain_s, dp_s = (float(np.median(t)) for t in times.values())
-    return {
-        "plain_step_seconds": plain_s,
-        "dp_step_seconds": dp_s,
-        "dp_step_time_ratio": dp_s / plain_s,
-        "plain_peak_bytes": float(peaks[0]),
-        "dp_peak_bytes": float(peaks[1]),
-        "dp_peak_memory_ratio": float(peaks[1] / peaks[0]),
-    }
-
-
-def dp_step_benchmark(
-    *,
-    image_size: int = 32,
-    patients: int = 16,
-    images_per_patient: int = 4,
-    repeats: int = 30,
-    seed: int = 0,
-    hidden: int = 0,
-) -> dict[str, float]:
-    """Patient-level DP-SGD step vs plain SGD step of the image model
-    (`models.build("cnn", hidden=hidden)`) on one batch of `patients` x `images_per_patient`
-    images, in this process: median seconds and peak memory of each.
-
-    Unprefixed figures time what `train_local` runs: the trainable head on front-end
-    features computed once, with the default (ghost) clipping. `opacus_hooks_*`: the same
-    head through Opacus' per-image hooks. `full_model_*`: the whole model, the fixed
-    front-end forward included, in every step. Memory: peak bytes of tensors alive at once
-    during one step (see `_LiveTensorBytes`). On CUDA the same code runs on the GPU.
-    """
-    if image_size < 8 or patients < 1 or repeats < 1 or images_per_patient < 1:
-        raise StepError("benchmark needs image_size >= 8 and positive patients, images and repeats")
-    device = pick_device()
-    gen = torch.Generator().manual_seed(seed)
-    n = patients * images_per_patient
-    x = torch.rand(n, 1, image_size, image_size, generator=gen).to(device)
-    y = (torch.rand(n, generator=gen) < 0.4).float().to(device)
-    owner = (torch.arange(n) // images_per_patient).to(device)
-
-    def net() -> nn.Module:
-        return scatter_net(hidden=hidden).to(device)
-
-    def head() -> nn.Module:
-        return split_frozen(net(), x[:1])[0]
-
-    _, feats = split_frozen(net(), x)
-    figures: dict[str, float] = {}
-    for prefix, make, inputs, mode in (
-        ("", head, feats, GradSampleMode.GHOST),
-        ("opacus_hooks_", head, feats, GradSampleMode.HOOKS),
-        ("full_model_", net, x, GradSampleMode.GHOST),
-    ):
-        settings = TrainSettings(
-            epochs=1,
-            batch_size=patients,
-            learning_rate=0.1,
-            seed=seed,
-            noise_multiplier=1.0,
-            grad_sample_mode=mode,
-        )
-        step = _step_figures(make, inputs, y, owner, settings, repeats)
-        figures |= {prefix + k: v for k, v in step.items()}
-    return figures

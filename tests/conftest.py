@@ -62,8 +62,10 @@ def url(new_url):
 
 @pytest.fixture(scope="session")
 def demo_workdir(tmp_path_factory):
-    """A 2-round `medfed demo` run as a user runs it (its own Prefect server, three sites):
-    a real ledger for the report and the ledger API. Tests copy its ledger before writing."""
+    """A 2-round `medfed demo --compare` run as a user runs it (its own Prefect server, three
+    sites): a real ledger for the report and the ledger API (tests copy it before writing),
+    and in `compare.json` the comparison with the pooled baseline and the non-DP federation
+    (in `no-dp/`)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -71,12 +73,13 @@ def demo_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     medfed = Path(sys.executable).with_name("medfed")
     done = subprocess.run(
-        [str(medfed), "demo", "--workdir", str(workdir), "--rounds", "2"],
+        [str(medfed), "demo", "--workdir", str(workdir), "--rounds", "2", "--compare", "--json"],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    (workdir / "compare.json").write_text(done.stdout)
     return workdir
 
 

@@ -421,3 +421,52 @@ def test_a_monai_resnet18_federation_trains_verifies_and_its_spend_is_recomputed
         theirs = independent_epsilon(acc.history(Population.TRAINING), delta)
         assert theirs * 0.97 <= recorded <= theirs * 1.03, (site, recorded, theirs)
         assert recorded <= 2.0  # the demo's target epsilon over the planned rounds
+
+
+def test_the_pooled_baseline_trains_on_every_sites_data_at_the_federations_epsilon(
+    tmp_path, cohorts
+):
+    """`medfed baseline`: the same model on the pooled training splits, without and with
+    the plan's DP (the noise a site calibrates for the planned rounds, so a patient's epsilon
+    is what the federation spends on it), evaluated on each site's held-out split. It needs
+    every site's data here and says which site's is not."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli.main import app
+    from ledger.accounting import epsilon as accountant_epsilon
+    from tasks.site_run import SiteRun
+    from tasks.site_steps import round_releases
+
+    config = federation(tmp_path, cohorts, rounds=2, **QUICK)
+    fed = load_config(config)
+    result = CliRunner().invoke(app, ["baseline", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    columns = json.loads(result.output)["columns"]
+    assert list(columns) == ["centralized", "centralized + DP"]
+    names = {s.name for s in fed.sites}
+    for column in columns.values():
+        assert set(column["sites"]) == names
+        assert column["epochs"] == fed.rounds * 2  # rounds x QUICK's local epochs
+        assert column["auc"] > 0.7  # the demo's lesions are learnable from pooled data
+    site = load_site(tmp_path / "sites" / sorted(names)[0])
+    per_round = round_releases(SiteRun(site=site, instr=None, fed=fed))  # type: ignore[arg-type]
+    federation_epsilon = accountant_epsilon(
+        per_round * fed.rounds, delta=fed.dp.delta, accountant="prv"
+    )
+    assert columns["centralized + DP"]["epsilon"] == pytest.approx(federation_epsilon, rel=1e-6)
+    assert columns["centralized"]["epsilon"] is None
+    # Nothing about the baseline is on the ledger: no site released anything.
+    assert not ledger_of(config).events(job="baseline")
+
+    missing = sorted(names)[1]
+    toml = tmp_path / "sites" / missing / "site.toml"
+    data = str(load_site(toml.parent).settings.data.path)
+    toml.write_text(toml.read_text().replace(data, data + "-at-another-hospital", 1))
+    result = CliRunner().invoke(app, ["baseline", str(config)])
+    assert result.exit_code == 2
+    assert f"site {missing}'s data is not on this machine" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["baseline", str(config), "--sites", str(tmp_path)])
+    assert result.exit_code == 2 and "has no site root under" in result.output

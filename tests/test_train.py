@@ -11,11 +11,11 @@ from torch import nn
 from tasks import StepError, models
 from tasks.clipping import GhostClipper, LayerClipper, OpacusClipper, ghost_clippable
 from tasks.privacy import Release, planned_release
+from tasks.step_bench import dp_step_benchmark
 from tasks.train import (
     GradSampleMode,
     PatientDPSGD,
     TrainSettings,
-    dp_step_benchmark,
     patient_index,
     patient_release,
     split_frozen,

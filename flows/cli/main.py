@@ -18,6 +18,7 @@ import typer  # noqa: E402  (after common: it sets Prefect's environment first)
 from rich import box  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from flows.cli.baseline import baseline_command, comparison_table  # noqa: E402
 from flows.cli.common import Failure, cli_errors, err, out, quiet_prefect_console
 from flows.cli.compliance import report_command  # noqa: E402
 from flows.cli.ledger import ledger_app  # noqa: E402
@@ -27,6 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(site_app, name="site")
 app.command("report")(report_command)
+app.command("baseline")(baseline_command)
 coordinator_commands(app)
 
 
@@ -176,19 +178,84 @@ def demo(
             "started and stopped), instead of as threads of this process."
         ),
     ] = False,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help="Train a MONAI network (ResNet18, ResNet34, DenseNet121, BasicUNetEncoder) "
+            "instead of the scatter-net head."
+        ),
+    ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Also run the federation without DP (in WORKDIR/no-dp) and the pooled "
+            "baseline with and without DP, and print all four side by side.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --compare: print the comparison as JSON.")
+    ] = False,
 ) -> None:
     """Three synthetic DICOM hospitals, each its own site root, trained together."""
+
+    if compare and not dp:
+        raise Failure("--compare runs both with and without DP itself: drop --no-dp", 2)
+    out.quiet = as_json  # stdout carries the JSON document alone
+    try:
+        _demo(workdir, rounds, dp, job, workers, network, compare, as_json)
+    finally:
+        out.quiet = False
+
+
+def _demo(
+    workdir: Path,
+    rounds: int,
+    dp: bool,
+    job: str | None,
+    workers: bool,
+    network: str | None,
+    compare: bool,
+    as_json: bool,
+) -> None:
+    from flows.demo import prepare_demo
+
+    config = prepare_demo(workdir, rounds=rounds, dp=dp, network=network)
+    out.print(f"Federation: {config}")
+    summaries = _demo_federation(config, job, workdir / "sites", workers)
+    if not compare:
+        _finish(summaries, config, f"medfed run {config} --sites {workdir / 'sites'}")
+        return
+    from flows.baseline import baseline, comparison
+
+    plain_dir = workdir / "no-dp"
+    plain = prepare_demo(
+        plain_dir, rounds=rounds, dp=False, network=network, cohorts=workdir / "data"
+    )
+    out.print(f"Federation without DP: {plain}")
+    plain_summaries = _demo_federation(plain, None, plain_dir / "sites", workers)
+    out.print("Pooled (centralized) baseline, with and without DP ...")
+    doc = comparison(
+        baseline(config),
+        plain_summaries[-1] if plain_summaries else None,
+        summaries[-1],
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    out.print(comparison_table(doc, f"{network or 'scatter-net head'}: {rounds} rounds"))
+    ratio = doc["federated_dp_over_centralized_auc"]
+    if ratio is not None:
+        out.print(f"Federated + DP reaches {ratio:.3f} of the centralized AUC.")
+
+
+def _demo_federation(config: Path, job: str | None, sites: Path, workers: bool) -> list:
     from contextlib import nullcontext
 
-    from flows.demo import prepare_demo
     from flows.local import local_federation
 
-    config = prepare_demo(workdir, rounds=rounds, dp=dp)
-    out.print(f"Federation: {config}")
-    sites = workdir / "sites"
     with local_federation(config) if workers else nullcontext():
-        summaries = _run_training(config, job, None if workers else sites)
-    _finish(summaries, config, f"medfed run {config} --sites {sites}")
+        return _run_training(config, job, None if workers else sites)
 
 
 @app.command("demo-data")
