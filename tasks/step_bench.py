@@ -55,13 +55,23 @@ def _step_figures(
     inputs: torch.Tensor,
     y: torch.Tensor,
     owner: torch.Tensor,
-    settings: TrainSettings,
+    mode: GradSampleMode,
     repeats: int,
+    *,
+    learning_rate: float,
 ) -> dict[str, float]:
     """Median seconds and peak tensor bytes of a plain SGD step and a patient-level DP-SGD
     step of two fresh copies of one model on the same batch; steps alternate after a warm-up
     so drift hits both alike."""
     n_units = int(owner.max()) + 1
+    settings = TrainSettings(
+        epochs=1,
+        batch_size=n_units,
+        learning_rate=learning_rate,
+        seed=0,
+        noise_multiplier=1.0,
+        grad_sample_mode=mode,
+    )
     plain_model = make()
     sgd = torch.optim.SGD(plain_model.parameters(), lr=settings.learning_rate)
 
@@ -145,15 +155,7 @@ def dp_step_benchmark(
         ("opacus_hooks_", head, feats, GradSampleMode.HOOKS),
         ("full_model_", net, x, GradSampleMode.GHOST),
     ):
-        settings = TrainSettings(
-            epochs=1,
-            batch_size=patients,
-            learning_rate=0.1,
-            seed=seed,
-            noise_multiplier=1.0,
-            grad_sample_mode=mode,
-        )
-        step = _step_figures(make, inputs, y, owner, settings, repeats)
+        step = _step_figures(make, inputs, y, owner, mode, repeats, learning_rate=0.1)
         figures |= {prefix + k: v for k, v in step.items()}
     return figures
 
@@ -211,14 +213,6 @@ def monai_step_benchmark(
         ("monai_", net, GradSampleMode.GHOST),
         ("monai_opacus_hooks_", lambda: _out_of_place_residuals(net()), GradSampleMode.HOOKS),
     ):
-        settings = TrainSettings(
-            epochs=1,
-            batch_size=patients,
-            learning_rate=0.01,
-            seed=seed,
-            noise_multiplier=1.0,
-            grad_sample_mode=mode,
-        )
-        step = _step_figures(make, x, y, owner, settings, repeats)
+        step = _step_figures(make, x, y, owner, mode, repeats, learning_rate=0.01)
         figures |= {prefix + k: v for k, v in step.items()}
     return figures

@@ -150,3 +150,24 @@ def independent_epsilon(releases: list, delta: float) -> float:
             step = dpa.PoissonSampledDpEvent(r.sample_rate, step)
         acc.compose(dpa.SelfComposedDpEvent(step, r.steps))
     return acc.get_epsilon(delta) if releases else 0.0
+
+
+def brute_force_clipped_sum(model, x, y, owner, clip: float) -> list:
+    """The reference every per-patient clipper is tested against: each patient's summed-loss
+    gradient by its own backward pass, clipped with Opacus' rule, summed over patients (one
+    tensor per trainable parameter)."""
+    import torch
+    from torch import nn
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for unit in owner.unique():
+        rows = owner == unit
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            model(x[rows]).squeeze(1), y[rows], reduction="sum"
+        )
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    return total

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedhelp import brute_force_clipped_sum
 from torch import nn
 
 from tasks import StepError, clipping, models, networks
@@ -52,23 +53,6 @@ def _network(key: str) -> tuple[nn.Module, int, int]:
     return model.double(), dims, edge
 
 
-def _brute_force(model, x, y, owner, clip):
-    """One backward pass per patient over its images' summed loss, clipped with Opacus'
-    rule, summed over patients."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    for unit in owner.unique():
-        rows = owner == unit
-        loss = nn.functional.binary_cross_entropy_with_logits(
-            model(x[rows]).squeeze(1), y[rows], reduction="sum"
-        )
-        grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum(g.square().sum() for g in grads))
-        factor = min(1.0, clip / (float(norm) + 1e-6))
-        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
-    return total
-
-
 def _batch(dims: int, edge: int, owner: list[int]):
     gen = torch.Generator().manual_seed(1)
     n = len(owner)
@@ -102,7 +86,7 @@ def test_layer_clipping_equals_one_backward_pass_per_patient(key, clip, norm_for
     model, dims, edge = _network(key)
     for owner in (UNEVEN, EVEN):
         x, y, who = _batch(dims, edge, owner)
-        want = _brute_force(model, x, y, who, clip)
+        want = brute_force_clipped_sum(model, x, y, who, clip)
         clipper = LayerClipper(model, clip)
         got, loss = clipper(x, y, who, int(who.max()) + 1)
         clipper.close()
@@ -155,7 +139,7 @@ def test_frozen_layers_get_no_gradient_and_the_rest_are_still_exact() -> None:
     got, _ = clipper(x, y, owner, 5)
     clipper.close()
     assert len(got) == len([p for p in model.parameters() if p.requires_grad])
-    for g, w in zip(got, _brute_force(model, x, y, owner, 0.01), strict=True):
+    for g, w in zip(got, brute_force_clipped_sum(model, x, y, owner, 0.01), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
@@ -373,3 +357,20 @@ def test_a_monai_network_trains_with_patient_level_dp_and_learns() -> None:
     from tasks.evaluate import metrics, predict
 
     assert metrics(predict(model, x), labels).auc > 0.9
+
+
+def test_the_monai_benchmark_reports_both_clippers_in_one_run() -> None:
+    from tasks.step_bench import monai_step_benchmark
+
+    figures = monai_step_benchmark(network="ResNet18", image_size=16, patients=3, repeats=1)
+    for prefix in ("monai_", "monai_opacus_hooks_"):
+        assert (
+            figures[prefix + "dp_step_seconds"] > 0 and figures[prefix + "plain_step_seconds"] > 0
+        )
+        assert figures[prefix + "dp_step_time_ratio"] == pytest.approx(
+            figures[prefix + "dp_step_seconds"] / figures[prefix + "plain_step_seconds"]
+        )
+        assert figures[prefix + "dp_peak_memory_ratio"] > 1  # per-patient work costs memory
+    assert 9 <= figures["monai_batch_images"] <= 15  # 3 patients of 3-5 images
+    # Per-image gradients of every layer at once hold more than one layer's at a time.
+    assert figures["monai_opacus_hooks_dp_peak_bytes"] > figures["monai_dp_peak_bytes"]

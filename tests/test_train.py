@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedhelp import brute_force_clipped_sum
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -213,25 +214,6 @@ def test_settings_are_checked() -> None:
 # ---------------------------------------------------------------- ghost clipping
 
 
-def _reference_clipped_sum(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, clip: float
-) -> list[torch.Tensor]:
-    """Brute force: each patient's summed-loss gradient by its own backward pass, clipped
-    with Opacus' rule, summed over patients."""
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for unit in owner.unique():
-        rows = owner == unit
-        loss = nn.functional.binary_cross_entropy_with_logits(
-            model(x[rows]).squeeze(1), y[rows], reduction="sum"
-        )
-        grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum(g.square().sum() for g in grads))
-        factor = min(1.0, clip / (float(norm) + 1e-6))
-        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
-    return total
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -253,7 +235,7 @@ def test_every_clipper_gives_the_brute_force_patient_clipped_sum(make, clip: flo
     y = (torch.rand(n) < 0.5).float()
     owner = torch.as_tensor(np.random.default_rng(0).integers(0, 6, n))
     owner = torch.as_tensor(np.unique(owner, return_inverse=True)[1])
-    want = _reference_clipped_sum(model, x, y, owner, clip)
+    want = brute_force_clipped_sum(model, x, y, owner, clip)
     n_units = int(owner.max()) + 1
     assert ghost_clippable(model)
     for make_clipper in (
