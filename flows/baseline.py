@@ -145,6 +145,7 @@ def _federated_column(summary: Any) -> dict[str, Any]:
     eps = [r.epsilon for r in summary.sites if r.trained and math.isfinite(r.epsilon)]
     return {
         "sites": {r.site: r.auc for r in summary.sites},
+        "heldout": {r.site: r.heldout for r in summary.sites},
         "auc": summary.weighted_auc,
         "accuracy": summary.weighted_accuracy,
         "epsilon": max(eps) if eps else None,
@@ -155,6 +156,7 @@ def _federated_column(summary: Any) -> dict[str, Any]:
 def _central_column(result: BaselineResult) -> dict[str, Any]:
     return {
         "sites": {name: m.auc for name, m in result.per_site.items()},
+        "heldout": {name: m.n for name, m in result.per_site.items()},
         "auc": result.overall.auc,
         "accuracy": result.overall.accuracy,
         "epsilon": result.epsilon,

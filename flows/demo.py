@@ -128,7 +128,14 @@ def demo_config_text(
 
 
 def demo_site(
-    root: Path, name: str, data: Path, *, coordinator_key: str, budget: float, dp: bool = True
+    root: Path,
+    name: str,
+    data: Path,
+    *,
+    coordinator_key: str,
+    budget: float,
+    dp: bool = True,
+    pseudonym_secret: bytes | None = None,
 ) -> Site:
     """A hospital's site root over its data folder (created once, reused after). The demo's
     baseline without DP needs the hospitals' opt-out: a site releases a non-DP update only
@@ -138,6 +145,10 @@ def demo_site(
             path = root / SITE_FILE
             path.write_text(path.read_text().replace("allow_non_dp = false", "allow_non_dp = true"))
         return load_site(root)
+    if pseudonym_secret is not None:  # the same hospital's second root: the same patients
+        from ledger import keys
+
+        keys.write_secret(root / "keys" / "pseudonym.key", pseudonym_secret)
     return init_site(
         root,
         settings_text=site_toml_text(
@@ -193,9 +204,13 @@ def prepare_demo(
     site_budget: float = 10.0,
     cohorts: Path | None = None,
     network: str | None = None,
+    same_split_as: Path | None = None,
     **header: object,
 ) -> Path:
-    """Cohorts (generated when absent), site roots, coordinator keys, `workdir/federation.toml`."""
+    """Cohorts (generated when absent), site roots, coordinator keys, `workdir/federation.toml`.
+
+    `same_split_as`: another demo's workdir whose sites' pseudonymization secrets the new site
+    roots take, so each site holds out the same patients in both (`demo --compare`)."""
     workdir = Path(workdir).resolve()
     data = Path(cohorts) if cohorts else workdir / "data"
     found = ensure_demo_cohorts(data, seed=DEMO_SEED)
@@ -208,6 +223,9 @@ def prepare_demo(
             coordinator_key=coordinator.public_key.hex(),
             budget=site_budget,
             dp=dp,
+            pseudonym_secret=load_site(same_split_as / "sites" / name).pseudonym_secret()
+            if same_split_as
+            else None,
         )
         for name in sorted(found)
     ]

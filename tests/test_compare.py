@@ -22,6 +22,8 @@ def test_the_demo_compares_four_settings_and_dp_federation_keeps_the_centralized
     for name, column in columns.items():
         assert set(column["sites"]) == names, name
         assert 0.5 < column["auc"] <= 1.0, name
+        # Every column is measured on the same held-out patients of each site.
+        assert column["heldout"] == columns["centralized"]["heldout"], name
     # The same mechanism per patient: the plan's noise over the planned steps, so the pooled
     # DP run spends what each site spends, within the demo's target of 2.
     dp_eps = columns["federated + DP"]["epsilon"]

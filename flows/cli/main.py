@@ -230,7 +230,12 @@ def _demo(
 
     plain_dir = workdir / "no-dp"
     plain = prepare_demo(
-        plain_dir, rounds=rounds, dp=False, network=network, cohorts=workdir / "data"
+        plain_dir,
+        rounds=rounds,
+        dp=False,
+        network=network,
+        cohorts=workdir / "data",
+        same_split_as=workdir,
     )
     out.print(f"Federation without DP: {plain}")
     plain_summaries = _demo_federation(plain, None, plain_dir / "sites", workers)
