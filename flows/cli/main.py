@@ -223,9 +223,11 @@ def _demo(
     config = prepare_demo(workdir, rounds=rounds, dp=dp, network=network)
     out.print(f"Federation: {config}")
     summaries = _demo_federation(config, job, workdir / "sites", workers)
+    _finish(summaries, config, f"medfed run {config} --sites {workdir / 'sites'}")
     if not compare:
-        _finish(summaries, config, f"medfed run {config} --sites {workdir / 'sites'}")
         return
+    if not summaries:
+        raise Failure(f"job {job} has no round left to run, so nothing to compare", 2)
     from flows.baseline import baseline, comparison
 
     plain_dir = workdir / "no-dp"
@@ -239,6 +241,7 @@ def _demo(
     )
     out.print(f"Federation without DP: {plain}")
     plain_summaries = _demo_federation(plain, None, plain_dir / "sites", workers)
+    _finish(plain_summaries, plain, f"medfed run {plain} --sites {plain_dir / 'sites'}")
     out.print("Pooled (centralized) baseline, with and without DP ...")
     doc = comparison(
         baseline(config),
