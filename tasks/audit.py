@@ -19,6 +19,7 @@ from torch import nn
 from ledger.entry import Action
 from tasks import StepError, models, prepared
 from tasks.config import FederationConfig
+from tasks.evaluate import inference_batch_size
 from tasks.files import load_array
 from tasks.site import Site
 from tasks.site_run import SiteRun
@@ -33,8 +34,9 @@ class AttackResult:
 
 
 def per_sample_loss(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int | None = None
 ) -> np.ndarray:
+    batch_size = batch_size or inference_batch_size(x)
     model.eval()
     device = next(model.parameters()).device
     losses = []

@@ -24,7 +24,17 @@ class Metrics:
     n: int
 
 
-def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+# Input values per inference batch: a deep network's activations are many times its input
+# (MONAI's ResNet18 holds 64 channels at full resolution), so large images get smaller batches.
+_PREDICT_VALUES = 1 << 22
+
+
+def inference_batch_size(x: np.ndarray) -> int:
+    return max(1, min(1024, _PREDICT_VALUES // max(1, int(np.prod(x.shape[1:])))))
+
+
+def predict(model: nn.Module, x: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+    batch_size = batch_size or inference_batch_size(x)
     model.eval()
     device = next(model.parameters()).device
     out = []
