@@ -230,6 +230,8 @@ def prepare_demo(
         for name in sorted(found)
     ]
     config = workdir / "federation.toml"
+    if network is not None:  # a MONAI network trains for minutes per round on a CPU
+        header.setdefault("timeout", 3600.0)
     text = demo_config_text(
         rounds=rounds,
         dp=dp,

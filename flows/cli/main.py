@@ -185,6 +185,9 @@ def demo(
             "instead of the scatter-net head."
         ),
     ] = None,
+    local_epochs: Annotated[
+        int, typer.Option(min=1, help="Local epochs per round (the demo's plan: 20).")
+    ] = 20,
     compare: Annotated[
         bool,
         typer.Option(
@@ -203,7 +206,7 @@ def demo(
         raise Failure("--compare runs both with and without DP itself: drop --no-dp", 2)
     out.quiet = as_json  # stdout carries the JSON document alone
     try:
-        _demo(workdir, rounds, dp, job, workers, network, compare, as_json)
+        _demo(workdir, rounds, dp, job, workers, network, local_epochs, compare, as_json)
     finally:
         out.quiet = False
 
@@ -215,12 +218,13 @@ def _demo(
     job: str | None,
     workers: bool,
     network: str | None,
+    local_epochs: int,
     compare: bool,
     as_json: bool,
 ) -> None:
     from flows.demo import prepare_demo
 
-    config = prepare_demo(workdir, rounds=rounds, dp=dp, network=network)
+    config = prepare_demo(workdir, rounds=rounds, dp=dp, network=network, local_epochs=local_epochs)
     out.print(f"Federation: {config}")
     summaries = _demo_federation(config, job, workdir / "sites", workers)
     _finish(summaries, config, f"medfed run {config} --sites {workdir / 'sites'}")
@@ -236,6 +240,7 @@ def _demo(
         rounds=rounds,
         dp=False,
         network=network,
+        local_epochs=local_epochs,
         cohorts=workdir / "data",
         same_split_as=workdir,
     )
