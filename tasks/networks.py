@@ -26,7 +26,6 @@ from torch import nn
 from tasks import StepError
 from tasks.site_run import step_log
 
-NETWORKS = ("DenseNet121", "ResNet18", "ResNet34", "BasicUNetEncoder")
 _ANNOUNCED: set[str] = set()  # networks whose BatchNorm replacement this process reported
 DEFAULT_ENCODER_FEATURES = (16, 32, 64, 128)
 
@@ -99,6 +98,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "ResNet34": _resnet(34),
     "BasicUNetEncoder": basic_unet_encoder,
 }
+NETWORKS = tuple(_FACTORIES)  # the config's `network` choices must match these names
 
 
 def build_network(

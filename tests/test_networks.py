@@ -374,3 +374,12 @@ def test_the_monai_benchmark_reports_both_clippers_in_one_run() -> None:
     assert 9 <= figures["monai_batch_images"] <= 15  # 3 patients of 3-5 images
     # Per-image gradients of every layer at once hold more than one layer's at a time.
     assert figures["monai_opacus_hooks_dp_peak_bytes"] > figures["monai_dp_peak_bytes"]
+
+
+def test_the_config_offers_exactly_the_networks_medfed_builds() -> None:
+    import typing
+
+    from tasks.networks import NETWORKS
+
+    choices = typing.get_args(ModelConfig.model_fields["network"].annotation)[0]
+    assert set(typing.get_args(choices)) == set(NETWORKS)
